@@ -1,0 +1,3 @@
+from msr.cli import main
+
+raise SystemExit(main())
