@@ -225,3 +225,10 @@ def test_cuda_bf16_run(tmp_path):
     assert summary["status"] == "completed" and summary["final_test_acc"] > 0.1
     state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert max(slice_means(v.float()).abs().max().item() for k, v in state.items() if v.dim() == 4) < 1e-4
+
+
+def test_dataset_dependent_defaults():
+    cifar = RunConfig.from_dict({"dataset": "cifar10"})
+    assert (cifar.epochs, cifar.batch_size) == (200, 128)  # the paper's recipe
+    digits = RunConfig.from_dict({"dataset": "digits", "epochs": 3})
+    assert (digits.epochs, digits.batch_size) == (3, 32)
