@@ -47,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from msr import io as msr_io
+
 __all__ = [
     "CIFAR10_MD5",
     "CIFAR10_URL",
@@ -521,7 +523,7 @@ def _obtain(
     payload = _read_cache(path, expected_key=_cache_key(name, image_size, synthetic_kwargs))
     if payload is None:
         payload = _build(name, root, image_size, allow_download, synthetic_kwargs)
-        _atomic_torch_save(payload, path)
+        msr_io.torch_save(path, payload)
     return path, payload
 
 
@@ -835,18 +837,6 @@ def _read_cache(path: Path, *, expected_key: str) -> dict[str, Any] | None:
         warnings.warn(f"ignoring stale or foreign dataset cache {path}; rebuilding", stacklevel=3)
         return None
     return payload
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _unique_sibling(path, ".tmp")
-    try:
-        with tmp.open("xb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _unique_sibling(path: Path, suffix: str) -> Path:
