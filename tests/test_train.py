@@ -133,6 +133,7 @@ def test_divergence_is_a_recorded_result(tmp_path, capsys):
     assert summary["status"] == "diverged"
     assert isinstance(summary["diverged_at_step"], int) and summary["diverged_at_step"] >= 1
     assert summary["steps"] == summary["diverged_at_step"] - 1
+    assert summary["train_seconds"] > 0 and summary["mean_step_seconds"] > 0  # the partial epoch is timed
     assert "diverged" in capsys.readouterr().out
 
 

@@ -454,6 +454,8 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
         bar.close()
         if first_bad.item() >= 0:
             status, diverged_at = "diverged", int(first_bad.item())
+            run.train_seconds += time.perf_counter() - t0  # the partial epoch's steps count too
+            run.images_seen += seen
             run.step = diverged_at - 1  # steps actually completed with a finite loss
             run.probes = [r for r in run.probes if r[0] <= run.step]
             log(f"epoch {epoch}: loss became non-finite at step {diverged_at}: run diverged")

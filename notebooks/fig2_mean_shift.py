@@ -1,0 +1,104 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: language_info
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
+
+# %% [markdown]
+# # Figure 2 - mean shift through depth and training
+# METHOD.md claim 1: without normalization a *spatial common-mode signal* - the per-channel
+# mean of conv outputs, relative to their spread - grows through depth; BatchNorm removes it
+# and zero-mean kernels (ZMI, kept by ZMG in `msr`) reject it.
+#
+# Mean shift of a conv layer = mean over channels of |mean_{n,h,w} y_c| / std_{n,h,w} y_c on a
+# fixed probe batch of training images (msr.probes). One panel per variant: one line per conv
+# layer (colour = depth), mean over seeds. Last panel: the depth profile at initialization
+# (dashed) and at the last probed step (solid). For `bn` the probe sees the conv output
+# *before* BatchNorm, which then removes the mean - its curve shows what BN has to undo.
+#
+# Runs: the main grid (`base`) of one dataset and arch (config `analysis.probe_dataset`/`probe_arch`).
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from msr import aggregate as agg
+
+try:
+    snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
+except NameError:
+    snakemake = agg.standalone_snakemake("fig2_mean_shift", variants=["plain", "bn", "zmi", "msr"],
+                                         dataset="digits", arch="resnet20")
+
+agg.figure_style()
+runs = pd.read_csv(snakemake.input.runs)
+dataset, arch = snakemake.params.dataset, snakemake.params.arch
+variants = agg.ordered_variants(snakemake.params.variants)
+sel = runs[(runs["sweep"] == "base") & (runs["dataset"] == dataset) & (runs["arch"] == arch)
+           & runs["variant"].isin(variants)] if not runs.empty else runs
+probes = agg.load_probes(sel["run_dir"], metrics=["mean_shift"]) if not sel.empty else None
+if probes is not None and not probes.empty:
+    probes = probes.merge(sel[["run_id", "variant", "seed"]], on="run_id")
+    layer_order = list(dict.fromkeys(probes["layer"]))  # forward order, as recorded
+    layer_index = {name: i for i, name in enumerate(layer_order)}
+    probes["depth_index"] = probes["layer"].map(layer_index)
+
+# %%
+ncols = len(variants) + 1
+fig, axes = plt.subplots(1, ncols, figsize=(2.6 * ncols, 3.0), squeeze=False, layout="constrained")
+axes = axes[0]
+cmap = plt.get_cmap("viridis")
+profile_ax = axes[-1]
+for ax in axes[1:-1]:
+    ax.sharey(axes[0])  # one scale for every variant
+for ax, variant in zip(axes[:-1], variants, strict=True):
+    vruns = sel[sel["variant"] == variant]
+    if probes is None or probes.empty or vruns.empty:
+        agg.placeholder(ax, f"{variant}: no runs")
+        ax.set_title(variant)
+        continue
+    p = probes[probes["variant"] == variant]
+    mean = p.groupby(["depth_index", "step"])["value"].mean().reset_index()
+    n_layers = max(1, len(layer_order) - 1)
+    marker = "o" if mean["step"].nunique() < 3 else None  # e.g. a run that diverged at once
+    for idx, g in mean.groupby("depth_index"):
+        ax.plot(g["step"], g["value"].clip(lower=1e-6), color=cmap(idx / n_layers), lw=0.9, marker=marker, ms=3)
+    n_div = int((vruns["status"] == "diverged").sum())
+    title = variant + (f"\n{n_div}/{len(vruns)} diverged (step {int(vruns['diverged_at_step'].min())})" if n_div else "")
+    ax.set(title=title, xlabel="step", yscale="log")
+    # depth profile: initialization and the last step every seed of this variant reached
+    last = p.groupby("run_id")["step"].max().min()
+    for step, ls in ((0, "--"), (last, "-")) if last > 0 else ((0, "--"),):
+        prof = p[p["step"] == step].groupby("depth_index")["value"].mean()
+        if not prof.empty:
+            profile_ax.plot(prof.index, prof.clip(lower=1e-6).values, ls=ls, color=agg.variant_color(variant), lw=1.2)
+axes[0].set_ylabel("mean shift |mean| / std")
+if probes is not None and not probes.empty:
+    profile_ax.set(title="depth profile", xlabel="conv layer (forward order)", yscale="log")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=agg.variant_color(v), lw=1.2, label=v) for v in variants
+               if v in set(probes["variant"])]
+    handles += [Line2D([], [], color="0.3", ls="--", label="initialization"),
+                Line2D([], [], color="0.3", ls="-", label="last step")]
+    profile_ax.legend(handles=handles, fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(1, len(layer_order) - 1)))
+    fig.colorbar(sm, ax=list(axes[:-1]), label="layer depth index", shrink=0.8, pad=0.01)
+else:
+    agg.placeholder(profile_ax, "no probes")
+fig.suptitle(f"Mean shift of conv outputs - {dataset} / {arch} (mean over seeds)")
+agg.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+agg.write_provenance(snakemake.output.provenance, "fig2_mean_shift", sel["run_id"],
+                     [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

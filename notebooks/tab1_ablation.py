@@ -1,0 +1,98 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: language_info
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
+
+# %% [markdown]
+# # Table 1 - main ablation
+# Final-epoch test accuracy (%) per dataset x arch x variant: mean +- std over the seeds that
+# completed, n = their number; diverged seeds are counted in their own column (never dropped
+# silently). The best-epoch accuracy is selected on the test set and is shown for reference
+# only. The last columns are *published* BatchNorm ResNet numbers on CIFAR-10 (not runs of
+# this pipeline): He et al. 2016 (Table 6) and Idelbayev's PyTorch reproduction
+# (github.com/akamaster/pytorch_resnet_cifar10); none exist for CIFAR-100 or digits.
+#
+# Writes CSV (all numbers, machine-readable), Markdown and LaTeX (booktabs).
+
+# %%
+import pandas as pd
+
+from msr import aggregate as agg
+
+try:
+    snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
+except NameError:
+    snakemake = agg.standalone_snakemake("tab1_ablation", kind="table", variants=list(agg.VARIANT_ORDER))
+
+runs = pd.read_csv(snakemake.input.runs)
+variants = agg.ordered_variants(snakemake.params.variants)
+base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
+stats = agg.summarize(base, metrics=["final_test_acc", "best_test_acc"], by=["dataset", "arch", "depth", "variant"])
+REFS = {"He et al. 2016": "ref_he2016_bn", "Idelbayev (PyTorch)": "ref_idelbayev_bn"}
+
+# %%
+rows = []
+order = {v: i for i, v in enumerate(variants)}
+stats = stats.assign(_v=stats["variant"].map(order)).sort_values(["dataset", "depth", "_v"]) if not stats.empty else stats
+for _, s in stats.iterrows():
+    spec = base[(base["dataset"] == s["dataset"]) & (base["arch"] == s["arch"]) & (base["variant"] == s["variant"])].iloc[0]
+    row = {
+        "dataset": s["dataset"], "arch": s["arch"], "variant": s["variant"],
+        "claim": spec.get("spec_claim", ""), "description": spec.get("spec_description", ""),
+        "n_runs": int(s["n"]), "n_completed": int(s["n_completed"]), "n_diverged": int(s["n_diverged"]),
+        "final_test_acc_mean": 100 * s["final_test_acc_mean"], "final_test_acc_std": 100 * s["final_test_acc_std"],
+        "final_test_acc_ci95": 100 * s["final_test_acc_ci95"],
+        "best_epoch_test_acc_mean": 100 * s["best_test_acc_mean"],
+    }
+    for name, col in REFS.items():
+        row[col] = agg.PUBLISHED_REFERENCES[name].get((s["dataset"], s["arch"]))
+    rows.append(row)
+table = pd.DataFrame(rows, columns=["dataset", "arch", "variant", "claim", "description", "n_runs", "n_completed",
+                                    "n_diverged", "final_test_acc_mean", "final_test_acc_std", "final_test_acc_ci95",
+                                    "best_epoch_test_acc_mean", *REFS.values()])
+table.to_csv(snakemake.output.csv, index=False, float_format="%.4f", lineterminator="\n")
+
+
+# %%
+def display(pm):
+    out = pd.DataFrame({
+        "dataset": table["dataset"], "arch": table["arch"], "variant": table["variant"], "claim": table["claim"],
+        "final test acc. % (mean ± std, n)": [
+            agg.format_mean_std(r.final_test_acc_mean / 100, r.final_test_acc_std / 100, r.n_completed, 0, pm=pm)
+            for r in table.itertuples()],
+        "diverged": [f"{r.n_diverged}/{r.n_runs}" for r in table.itertuples()],
+        "best-epoch % †": [("" if pd.isna(v) else f"{v:.2f}") for v in table["best_epoch_test_acc_mean"]],
+    })
+    for name, col in REFS.items():
+        out[f"{name} (BN) ‡"] = ["" if pd.isna(v) else f"{v:.2f}" for v in table[col]]
+    return out
+
+
+NOTES = [
+    "Final-epoch test accuracy over seeds that completed; diverged = seeds whose loss became non-finite.",
+    "† Best epoch selected on the test set: reference only, not a result.",
+    "‡ Published BatchNorm numbers on CIFAR-10 (test accuracy %), not runs of this pipeline: "
+    "He et al. 2016, Table 6 (ResNet-110: mean of 5 runs, best 93.57); "
+    "Idelbayev, github.com/akamaster/pytorch_resnet_cifar10.",
+]
+with open(snakemake.output.md, "w") as f:
+    f.write("**Table 1 - main ablation.**\n\n" + agg.to_markdown(display("±"), notes=NOTES))
+with open(snakemake.output.tex, "w") as f:
+    f.write(agg.to_latex(display("±"), caption="Main ablation: final-epoch test accuracy (%).",
+                         label="tab:ablation", notes=NOTES))
+agg.write_provenance(snakemake.output.provenance, "tab1_ablation", base["run_id"],
+                     [snakemake.output.csv, snakemake.output.md, snakemake.output.tex], [snakemake.input.runs])
+table  # noqa: B018 - shown when run in Jupyter

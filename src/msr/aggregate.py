@@ -1,0 +1,507 @@
+"""Run directories -> tidy tables, and the small helpers the figure/table notebooks share.
+
+``msr aggregate`` reads the run directories written by ``msr train`` (DESIGN.md, "The run
+directory") and writes, into ``--out``:
+
+- ``runs.csv``    one row per run: every config field (the variant spec flattened as
+  ``spec_<field>``), the run's place in the grid (``tag``, ``sweep``), status, final/best
+  accuracies, diverged step, time and memory;
+- ``summary.csv`` one row per group of seeds (same dataset, arch, variant, sweep point):
+  ``n``, ``n_completed``, ``n_diverged``, ``divergence_rate`` and, for every metric in
+  ``SUMMARY_METRICS``, ``<metric>_mean/_std/_ci95`` over the *completed* runs;
+- ``curves.csv``  every run's per-epoch ``metrics.csv`` stacked, with the run's keys.
+
+Why completed runs only: a diverged run's last evaluation is of a model that is about to
+become non-finite, so averaging it in would mix two different outcomes. Divergence is
+instead reported as its own count and rate, next to every mean (never dropped silently).
+Final-epoch numbers are the headline; ``best_test_acc`` is kept but is selected on the test
+set and must only ever be shown labelled as such.
+
+Per-step probes (``probes.csv``) stay in the run directories; ``load_probes`` reads the few
+runs a figure needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# The keys that place a run in the grid, in path order: <dataset>/<arch>/<variant>/<tag>/seed<k>
+RUN_KEYS = ("dataset", "arch", "variant", "tag", "seed")
+# Runs that differ only in the seed form one group
+GROUP_KEYS = ("dataset", "arch", "depth", "variant", "sweep", "tag", "lr", "batch_size",
+              "noise_delta", "epochs", "image_size")
+SUMMARY_METRICS = (
+    "final_test_acc",
+    "best_test_acc",
+    "final_train_acc",
+    "train_test_gap",
+    "final_test_loss",
+    "final_train_loss",
+    "mean_step_seconds",
+    "images_per_s",
+    "peak_memory_mb",
+    "wall_seconds",
+    "train_seconds",
+)
+_SWEEP_OF_TAG = (("base", re.compile(r"^base$")), ("lr", re.compile(r"^lr[0-9.eE+-]+$")),
+                 ("batch_size", re.compile(r"^bs\d+$")), ("noise_delta", re.compile(r"^d[0-9.eE+-]+$")))
+
+# Published BatchNorm ResNet numbers on CIFAR-10 (test accuracy, %), shown as reference
+# columns next to our runs - they are NOT runs of this pipeline.
+#   He et al. 2016, "Deep Residual Learning for Image Recognition", Table 6 (100 - error).
+#     ResNet-110 is the mean of 5 runs (error 6.61 +- 0.16); its best run is 93.57.
+#   Idelbayev, github.com/akamaster/pytorch_resnet_cifar10, README (the widely used PyTorch
+#     reproduction whose recipe msr's `bn` variant follows).
+# No comparable published numbers for CIFAR-100 with these nets: left empty.
+PUBLISHED_REFERENCES: dict[str, dict[tuple[str, str], float]] = {
+    "He et al. 2016": {
+        ("cifar10", "resnet20"): 91.25,
+        ("cifar10", "resnet32"): 92.49,
+        ("cifar10", "resnet44"): 92.83,
+        ("cifar10", "resnet56"): 93.03,
+        ("cifar10", "resnet110"): 93.39,
+    },
+    "Idelbayev (PyTorch)": {
+        ("cifar10", "resnet20"): 91.73,
+        ("cifar10", "resnet32"): 92.63,
+        ("cifar10", "resnet44"): 93.10,
+        ("cifar10", "resnet56"): 93.39,
+        ("cifar10", "resnet110"): 93.68,
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading run directories
+
+
+def sweep_of_tag(tag: str) -> str:
+    """``base`` / ``lr`` / ``batch_size`` / ``noise_delta`` from the pipeline's sweep tags
+    (``base``, ``lr0.8``, ``bs32``, ``d0.2``); anything else is its own sweep ``other``."""
+    for sweep, pattern in _SWEEP_OF_TAG:
+        if pattern.match(tag):
+            return sweep
+    return "other"
+
+
+def depth_of_arch(arch: str) -> int | None:
+    m = re.fullmatch(r"resnet(\d+)", str(arch))
+    return int(m.group(1)) if m else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+
+
+def _run_dir(path: Path) -> Path:
+    """A run directory from itself or from its summary.json."""
+    return path.parent if path.name == "summary.json" else path
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every complete run directory (with a summary.json) under ``root``, in sorted order."""
+    return sorted(p.parent for p in Path(root).glob("*/*/*/*/seed*/summary.json"))
+
+
+def run_id(run_dir: Path, root: Path | None = None) -> str:
+    """``<dataset>/<arch>/<variant>/<tag>/seed<k>``: the run's path below the runs root."""
+    run_dir = Path(run_dir)
+    if root is not None:
+        try:
+            return run_dir.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return "/".join(run_dir.parts[-5:])
+
+
+def load_run(run_dir: Path, root: Path | None = None) -> dict:
+    """One flat record of a run: config fields, spec fields (``spec_*``), summary, keys."""
+    run_dir = _run_dir(Path(run_dir))
+    config = _read_json(run_dir / "config.json")
+    summary = _read_json(run_dir / "summary.json")
+    record: dict = {"run_id": run_id(run_dir, root), "run_dir": run_dir.as_posix()}
+    for key, value in config.items():
+        if key == "variant_spec":
+            record.update({f"spec_{k}": v for k, v in (value or {}).items()})
+        elif key == "versions":
+            record.update({f"version_{k}": v for k, v in (value or {}).items()})
+        elif key == "overrides":
+            record["overrides"] = json.dumps(value or {}, sort_keys=True)
+        elif isinstance(value, dict | list):
+            record[key] = json.dumps(value, sort_keys=True)
+        else:
+            record[key] = value
+    record["tag"] = run_dir.parent.name
+    record["sweep"] = sweep_of_tag(record["tag"])
+    record["depth"] = depth_of_arch(record.get("arch", ""))
+    for key, value in summary.items():
+        record[key] = value
+    record["diverged"] = summary.get("status") == "diverged"
+    train_acc, test_acc = _num(summary.get("final_train_acc")), _num(summary.get("final_test_acc"))
+    record["train_test_gap"] = train_acc - test_acc
+    return record
+
+
+def _num(value) -> float:
+    try:
+        return math.nan if value is None else float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_runs(run_dirs: Iterable[Path], root: Path | None = None) -> pd.DataFrame:
+    """``runs.csv``: one row per run, sorted by the grid keys."""
+    records = [load_run(Path(d), root) for d in run_dirs]
+    if not records:
+        return pd.DataFrame(columns=["run_id", "run_dir", *RUN_KEYS, "sweep", "status"])
+    frame = pd.DataFrame.from_records(records)
+    front = ["run_id", *RUN_KEYS, "sweep", "depth", "status", "final_test_acc", "best_test_acc",
+             "best_epoch", "diverged", "diverged_at_step"]
+    front = [c for c in front if c in frame.columns]
+    frame = frame[front + [c for c in frame.columns if c not in front]]
+    return frame.sort_values(["dataset", "depth", "arch", "variant", "tag", "seed"],
+                             kind="stable").reset_index(drop=True)
+
+
+def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """``curves.csv``: every run's metrics.csv (one row per epoch) with the run's keys (a key
+    that metrics.csv also has, like ``lr``, gets the prefix ``run_``)."""
+    keys = ["run_id", *RUN_KEYS, "sweep", "lr", "batch_size", "noise_delta", "status"]
+    keys = [k for k in keys if k in runs.columns]
+    frames = []
+    for row in runs.itertuples(index=False):
+        path = Path(row.run_dir) / "metrics.csv"
+        if not path.exists():
+            continue
+        metrics = pd.read_csv(path)
+        if metrics.empty:
+            continue
+        # the run's base lr is `run_lr`; `lr` stays the scheduled lr of that epoch
+        for key in reversed(keys):
+            metrics.insert(0, f"run_{key}" if key in metrics.columns else key, getattr(row, key))
+        frames.append(metrics)
+    if not frames:
+        return pd.DataFrame(columns=[*(f"run_{k}" if k == "lr" else k for k in keys), "epoch",
+                                     "step", "lr", "train_loss", "train_acc", "test_loss",
+                                     "test_acc", "seconds", "images_per_s"])
+    curves = pd.concat(frames, ignore_index=True)
+    return curves
+
+
+def load_probes(run_dirs: Iterable[Path | str], metrics: Sequence[str] | None = None,
+                root: Path | None = None) -> pd.DataFrame:
+    """The probes of a few runs (long format: run_id, step, layer, metric, value)."""
+    frames = []
+    for run_dir in run_dirs:
+        path = _run_dir(Path(run_dir)) / "probes.csv"
+        if not path.exists():
+            continue
+        probes = pd.read_csv(path)
+        if metrics is not None:
+            probes = probes[probes["metric"].isin(list(metrics))]
+        probes.insert(0, "run_id", run_id(_run_dir(Path(run_dir)), root))
+        frames.append(probes)
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "step", "layer", "metric", "value"])
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics over seeds
+
+
+def t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student-t quantile, e.g. 2.776 for 95% and 4 degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2, dof))
+
+
+def mean_std_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean, sample std (ddof=1), half-width of the t confidence interval, and n of the finite
+    values; std and CI are NaN below two values."""
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, n
+    std = float(x.std(ddof=1))
+    return mean, std, t_quantile(confidence, n - 1) * std / math.sqrt(n), n
+
+
+def summarize(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
+              by: Sequence[str] = GROUP_KEYS, confidence: float = 0.95) -> pd.DataFrame:
+    """One row per group of seeds: counts, divergence rate and mean/std/CI of each metric over
+    the group's completed runs (see the module docstring for why)."""
+    by = [k for k in by if k in runs.columns]
+    metrics = [m for m in metrics if m in runs.columns]
+    columns = [*by, "n", "n_completed", "n_diverged", "divergence_rate", "seeds",
+               "median_diverged_at_step"]
+    columns += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "ci95")]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for key, group in runs.groupby(by, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key, strict=True))
+        status = group["status"].astype(str)
+        completed = group[status == "completed"]
+        n_div = int((status == "diverged").sum())
+        row.update(n=len(group), n_completed=len(completed), n_diverged=n_div,
+                   divergence_rate=n_div / len(group),
+                   seeds=" ".join(str(s) for s in sorted(group["seed"].tolist())))
+        steps = pd.to_numeric(group.loc[status == "diverged", "diverged_at_step"], errors="coerce") \
+            if "diverged_at_step" in group else pd.Series(dtype=float)
+        row["median_diverged_at_step"] = float(steps.median()) if steps.notna().any() else math.nan
+        for m in metrics:
+            mean, std, ci, _ = mean_std_ci(pd.to_numeric(completed[m], errors="coerce"), confidence)
+            row.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_ci95": ci})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------------------------
+# Presentation helpers shared by the notebooks (tables and deterministic figure files)
+
+
+def format_mean_std(mean: float, std: float, n: int, n_diverged: int = 0, scale: float = 100.0,
+                    digits: int = 2, pm: str = "±") -> str:
+    """``"91.25 ± 0.31 (n=5)"``; diverged runs appended (``"..., 2 diverged"``); ``"-"`` if
+    no completed run."""
+    if n == 0 or not math.isfinite(mean):
+        text = "-"
+        return f"{text} ({n_diverged} diverged)" if n_diverged else text
+    text = f"{mean * scale:.{digits}f}"
+    if math.isfinite(std):
+        text += f" {pm} {std * scale:.{digits}f}"
+    extra = f"n={n}" + (f", {n_diverged} diverged" if n_diverged else "")
+    return f"{text} ({extra})"
+
+
+def to_markdown(frame: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """A GitHub-flavoured pipe table (strings as they are; NaN -> empty)."""
+    cols = [str(c) for c in frame.columns]
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    if notes:
+        lines.append("")
+        lines.extend(notes)
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}", "±": r"$\pm$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "",
+             notes: Sequence[str] = ()) -> str:
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return latex_escape(v)
+
+    align = "l" * len(frame.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}",
+             r"\toprule", " & ".join(latex_escape(c) for c in frame.columns) + r" \\", r"\midrule"]
+    for row in frame.itertuples(index=False):
+        lines.append(" & ".join(cell(v) for v in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if notes:
+        lines.append(r"\par\smallskip{\footnotesize " + " ".join(latex_escape(n) for n in notes) + "}")
+    if caption:
+        lines.append(rf"\caption{{{latex_escape(caption)}}}")
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+# The registry's order (msr.variants.VARIANTS when this was written; a test checks it is still
+# a prefix of it) - fixed colours per variant across every figure. Kept here so the notebooks
+# need not import torch; variants added later sort after these, by name.
+VARIANT_ORDER = ("bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr")
+_PALETTE = ("#1f77b4", "#aec7e8", "#7f7f7f", "#bcbd22", "#ff7f0e", "#9467bd", "#d62728",
+            "#e377c2", "#2ca02c", "#8c564b")
+
+
+_EXTRA_PALETTE = ("#17becf", "#9edae5", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+                  "#f7b6d2", "#dbdb8d", "#393b79")
+
+
+def variant_color(variant: str) -> str:
+    """A fixed colour per variant; a variant added to the registry later gets a stable colour
+    from a second palette (by a hash of its name), so no figure code needs editing."""
+    if variant in VARIANT_ORDER:
+        return _PALETTE[VARIANT_ORDER.index(variant)]
+    digest = int(hashlib.sha1(variant.encode()).hexdigest(), 16)
+    return _EXTRA_PALETTE[digest % len(_EXTRA_PALETTE)]
+
+
+def ordered_variants(variants: Iterable[str]) -> list[str]:
+    """``variants`` in registry order (unknown names last, sorted)."""
+    variants = list(dict.fromkeys(variants))
+    known = [v for v in VARIANT_ORDER if v in variants]
+    return known + sorted(v for v in variants if v not in VARIANT_ORDER)
+
+
+def panels(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (dataset, arch) pairs present in ``runs``, by dataset then depth."""
+    if runs.empty:
+        return []
+    pairs = runs[["dataset", "arch"]].drop_duplicates()
+    pairs = pairs.assign(depth=pairs["arch"].map(depth_of_arch)).sort_values(["dataset", "depth"])
+    return [(d, a) for d, a in zip(pairs["dataset"], pairs["arch"], strict=True)]
+
+
+def placeholder(ax, message: str) -> None:
+    """An empty panel that says why it is empty (e.g. the config has no runs for it)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True,
+            fontsize=9, color="0.35")
+
+
+def standalone_snakemake(name: str, kind: str = "figure", **params):
+    """A stand-in for the ``snakemake`` object when a notebook is run by hand (e.g. in Jupyter
+    outside ``snakemake --edit-notebook``): the default tables in, ``results/scratch/`` out."""
+    from types import SimpleNamespace
+
+    out = Path("results/scratch")
+    files = ({"png": out / f"{name}.png", "pdf": out / f"{name}.pdf"} if kind == "figure"
+             else {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"})
+    files["provenance"] = out / f"{name}.provenance.json"
+    return SimpleNamespace(
+        input=SimpleNamespace(runs="results/tables/runs.csv", summary="results/tables/summary.csv",
+                              curves="results/tables/curves.csv"),
+        output=SimpleNamespace(**{k: str(v) for k, v in files.items()}),
+        params=SimpleNamespace(**params),
+    )
+
+
+def figure_style() -> None:
+    """Fixed matplotlib settings so figure bytes do not depend on the user's rc files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcdefaults()
+    matplotlib.rcParams.update({
+        "figure.dpi": 100,
+        "savefig.dpi": 150,
+        "font.family": "DejaVu Sans",
+        "font.size": 9,
+        "axes.titlesize": 9,
+        "axes.labelsize": 9,
+        "legend.fontsize": 8,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "svg.hashsalt": "msr",
+        "pdf.fonttype": 42,
+        "path.simplify": True,
+    })
+
+
+def save_figure(fig, png: str | Path, pdf: str | Path) -> None:
+    """Save ``fig`` as PNG and PDF with no timestamps or version strings in the metadata, so a
+    rerun on the same data gives byte-identical files."""
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, format="png", metadata={"Software": None})
+    fig.savefig(pdf, format="pdf", metadata={"CreationDate": None, "Producer": None,
+                                             "Creator": None})
+
+
+def write_provenance(path: str | Path, name: str, run_ids: Iterable[str],
+                     outputs: Iterable[str | Path], sources: Iterable[str | Path] = ()) -> None:
+    """The sidecar a notebook leaves for the manifest: which runs and tables made its outputs."""
+    record = {"name": name, "outputs": sorted(Path(p).as_posix() for p in outputs),
+              "sources": sorted(Path(p).as_posix() for p in sources),
+              "runs": sorted(set(run_ids))}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Atomic write (temp file + rename), so a half-written table is never read."""
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False, lineterminator="\n")
+    tmp.replace(path)
+
+
+def aggregate(run_dirs: Iterable[Path], out: Path, root: Path | None = None) -> dict[str, Path]:
+    """Write runs.csv, summary.csv and curves.csv for ``run_dirs`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(run_dirs, root)
+    paths = {"runs": out / "runs.csv", "summary": out / "summary.csv", "curves": out / "curves.csv"}
+    _write_csv(runs, paths["runs"])
+    _write_csv(summarize(runs), paths["summary"])
+    _write_csv(load_curves(runs), paths["curves"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="msr aggregate",
+        description="Collect run directories into results tables (runs.csv, summary.csv, curves.csv).")
+    parser.add_argument("run_dirs", nargs="*", type=Path,
+                        help="run directories or their summary.json files; default: every complete "
+                             "run under --runs")
+    parser.add_argument("--runs", type=Path, default=Path("results/runs"),
+                        help="the runs root (run ids are paths below it) [results/runs]")
+    parser.add_argument("--out", type=Path, default=Path("results/tables"),
+                        help="output folder [results/tables]")
+    args = parser.parse_args(argv)
+    run_dirs = [_run_dir(p) for p in args.run_dirs] or find_run_dirs(args.runs)
+    missing = [d for d in run_dirs if not (d / "summary.json").exists()]
+    if missing:
+        print(f"msr aggregate: no summary.json in {', '.join(map(str, missing[:5]))}"
+              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""), file=sys.stderr)
+        return 2
+    try:
+        paths = aggregate(run_dirs, args.out, args.runs)
+    except ValueError as err:
+        print(f"msr aggregate: {err}", file=sys.stderr)
+        return 2
+    n_runs = len(run_dirs)
+    print(f"aggregated {n_runs} run(s) into {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
