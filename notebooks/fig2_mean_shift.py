@@ -35,17 +35,18 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from msr import aggregate as agg
+from msr import report
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = agg.standalone_snakemake("fig2_mean_shift", variants=["plain", "bn", "zmi", "msr"],
+    snakemake = report.standalone_snakemake("fig2_mean_shift", variants=["plain", "bn", "zmi", "msr"],
                                          dataset="digits", arch="resnet20")
 
-agg.figure_style()
+report.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
 dataset, arch = snakemake.params.dataset, snakemake.params.arch
-variants = agg.ordered_variants(snakemake.params.variants)
+variants = report.ordered_variants(snakemake.params.variants)
 sel = runs[(runs["sweep"] == "base") & (runs["dataset"] == dataset) & (runs["arch"] == arch)
            & runs["variant"].isin(variants)] if not runs.empty else runs
 probes = agg.load_probes(sel["run_dir"], metrics=["mean_shift"]) if not sel.empty else None
@@ -66,7 +67,7 @@ for ax in axes[1:-1]:
 for ax, variant in zip(axes[:-1], variants, strict=True):
     vruns = sel[sel["variant"] == variant]
     if probes is None or probes.empty or vruns.empty:
-        agg.placeholder(ax, f"{variant}: no runs")
+        report.placeholder(ax, f"{variant}: no runs")
         ax.set_title(variant)
         continue
     p = probes[probes["variant"] == variant]
@@ -83,13 +84,13 @@ for ax, variant in zip(axes[:-1], variants, strict=True):
     for step, ls in ((0, "--"), (last, "-")) if last > 0 else ((0, "--"),):
         prof = p[p["step"] == step].groupby("depth_index")["value"].mean()
         if not prof.empty:
-            profile_ax.plot(prof.index, prof.clip(lower=1e-6).values, ls=ls, color=agg.variant_color(variant), lw=1.2)
+            profile_ax.plot(prof.index, prof.clip(lower=1e-6).values, ls=ls, color=report.variant_color(variant), lw=1.2)
 axes[0].set_ylabel("mean shift |mean| / std")
 if probes is not None and not probes.empty:
     profile_ax.set(title="depth profile", xlabel="conv layer (forward order)", yscale="log")
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=agg.variant_color(v), lw=1.2, label=v) for v in variants
+    handles = [Line2D([], [], color=report.variant_color(v), lw=1.2, label=v) for v in variants
                if v in set(probes["variant"])]
     handles += [Line2D([], [], color="0.3", ls="--", label="initialization"),
                 Line2D([], [], color="0.3", ls="-", label="last step")]
@@ -97,8 +98,8 @@ if probes is not None and not probes.empty:
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(1, len(layer_order) - 1)))
     fig.colorbar(sm, ax=list(axes[:-1]), label="layer depth index", shrink=0.8, pad=0.01)
 else:
-    agg.placeholder(profile_ax, "no probes")
+    report.placeholder(profile_ax, "no probes")
 fig.suptitle(f"Mean shift of conv outputs - {dataset} / {arch} (mean over seeds)")
-agg.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-agg.write_provenance(snakemake.output.provenance, "fig2_mean_shift", sel["run_id"],
+report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+report.write_provenance(snakemake.output.provenance, "fig2_mean_shift", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

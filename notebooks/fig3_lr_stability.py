@@ -33,15 +33,16 @@ import pandas as pd
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from msr import aggregate as agg
+from msr import report
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = agg.standalone_snakemake("fig3_lr_stability", variants=["plain", "bn", "msr"])
+    snakemake = report.standalone_snakemake("fig3_lr_stability", variants=["plain", "bn", "msr"])
 
-agg.figure_style()
+report.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
-variants = agg.ordered_variants(snakemake.params.variants)
+variants = report.ordered_variants(snakemake.params.variants)
 sel = runs[runs["sweep"].isin(["base", "lr"]) & runs["variant"].isin(variants)] if not runs.empty else runs
 # a panel only where the sweep ran (a main-grid run alone is not a sweep)
 swept = sel[sel["sweep"] == "lr"][["dataset", "arch"]].drop_duplicates()
@@ -49,12 +50,12 @@ sel = sel.merge(swept, on=["dataset", "arch"]) if not sel.empty else sel
 stats = agg.summarize(sel, metrics=["final_test_acc"], by=["dataset", "arch", "variant", "lr"])
 
 # %%
-pairs = agg.panels(sel)
+pairs = report.panels(sel)
 nrows = max(1, len(pairs))
 fig, axes = plt.subplots(nrows, 2, figsize=(9, 3.0 * nrows), squeeze=False, layout="constrained")
 if not pairs:
     for ax in axes[0]:
-        agg.placeholder(ax, "no learning-rate sweep in this config")
+        report.placeholder(ax, "no learning-rate sweep in this config")
 for row, (dataset, arch) in enumerate(pairs):
     ax_acc, ax_div = axes[row]
     for variant in variants:
@@ -62,7 +63,7 @@ for row, (dataset, arch) in enumerate(pairs):
         if s.empty:
             continue
         s = s.sort_values("lr")
-        color = agg.variant_color(variant)
+        color = report.variant_color(variant)
         ok = s[s["n_completed"] > 0]
         ax_acc.errorbar(ok["lr"], 100 * ok["final_test_acc_mean"], yerr=100 * ok["final_test_acc_std"].fillna(0),
                         color=color, marker="o", ms=4, lw=1.2, capsize=2, label=variant)
@@ -77,6 +78,6 @@ for row, (dataset, arch) in enumerate(pairs):
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([f"{t:g}" for t in ticks])
     ax_acc.legend(frameon=False)
-agg.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-agg.write_provenance(snakemake.output.provenance, "fig3_lr_stability", sel["run_id"],
+report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+report.write_provenance(snakemake.output.provenance, "fig3_lr_stability", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

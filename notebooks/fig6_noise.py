@@ -33,15 +33,16 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from msr import aggregate as agg
+from msr import report
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = agg.standalone_snakemake("fig6_noise", variants=["msr_noise"])
+    snakemake = report.standalone_snakemake("fig6_noise", variants=["msr_noise"])
 
-agg.figure_style()
+report.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
-variants = agg.ordered_variants(snakemake.params.variants)
+variants = report.ordered_variants(snakemake.params.variants)
 sel = runs[runs["sweep"].isin(["base", "noise_delta"]) & runs["variant"].isin(variants)] if not runs.empty else runs
 swept = sel[sel["sweep"] == "noise_delta"][["dataset", "arch"]].drop_duplicates()
 sel = sel.merge(swept, on=["dataset", "arch"]) if not sel.empty else sel
@@ -49,12 +50,12 @@ stats = agg.summarize(sel, metrics=["final_test_acc", "train_test_gap"],
                       by=["dataset", "arch", "variant", "noise_delta"])
 
 # %%
-pairs = agg.panels(sel)
+pairs = report.panels(sel)
 nrows = max(1, len(pairs))
 fig, axes = plt.subplots(nrows, 2, figsize=(9, 3.0 * nrows), squeeze=False, layout="constrained")
 if not pairs:
     for ax in axes[0]:
-        agg.placeholder(ax, "no noise sweep in this config")
+        report.placeholder(ax, "no noise sweep in this config")
 for row, (dataset, arch) in enumerate(pairs):
     ax_acc, ax_gap = axes[row]
     for variant in variants:
@@ -62,7 +63,7 @@ for row, (dataset, arch) in enumerate(pairs):
         s = s[s["n_completed"] > 0].sort_values("noise_delta")
         if s.empty:
             continue
-        color = agg.variant_color(variant)
+        color = report.variant_color(variant)
         ax_acc.errorbar(s["noise_delta"], 100 * s["final_test_acc_mean"], yerr=100 * s["final_test_acc_std"].fillna(0),
                         color=color, marker="o", ms=4, lw=1.2, capsize=2, label=variant)
         ax_gap.errorbar(s["noise_delta"], 100 * s["train_test_gap_mean"], yerr=100 * s["train_test_gap_std"].fillna(0),
@@ -74,6 +75,6 @@ for row, (dataset, arch) in enumerate(pairs):
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", xlabel="noise magnitude d", ylabel="test accuracy (%)")
     ax_gap.set(title=f"{dataset} / {arch}: train - test gap", xlabel="noise magnitude d", ylabel="gap (points)")
     ax_acc.legend(frameon=False)
-agg.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-agg.write_provenance(snakemake.output.provenance, "fig6_noise", sel["run_id"],
+report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+report.write_provenance(snakemake.output.provenance, "fig6_noise", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

@@ -31,14 +31,15 @@
 import pandas as pd
 
 from msr import aggregate as agg
+from msr import report
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = agg.standalone_snakemake("tab1_ablation", kind="table", variants=list(agg.VARIANT_ORDER))
+    snakemake = report.standalone_snakemake("tab1_ablation", kind="table", variants=list(report.VARIANT_ORDER))
 
 runs = pd.read_csv(snakemake.input.runs)
-variants = agg.ordered_variants(snakemake.params.variants)
+variants = report.ordered_variants(snakemake.params.variants)
 base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
 stats = agg.summarize(base, metrics=["final_test_acc", "best_test_acc"], by=["dataset", "arch", "depth", "variant"])
 REFS = {"He et al. 2016": "ref_he2016_bn", "Idelbayev (PyTorch)": "ref_idelbayev_bn"}
@@ -58,7 +59,7 @@ for _, s in stats.iterrows():
         "best_epoch_test_acc_mean": 100 * s["best_test_acc_mean"],
     }
     for name, col in REFS.items():
-        row[col] = agg.PUBLISHED_REFERENCES[name].get((s["dataset"], s["arch"]))
+        row[col] = report.PUBLISHED_REFERENCES[name].get((s["dataset"], s["arch"]))
     rows.append(row)
 table = pd.DataFrame(rows, columns=["dataset", "arch", "variant", "claim", "description", "n_runs", "n_completed",
                                     "n_diverged", "final_test_acc_mean", "final_test_acc_std", "final_test_acc_ci95",
@@ -71,7 +72,7 @@ def display(pm):
     out = pd.DataFrame({
         "dataset": table["dataset"], "arch": table["arch"], "variant": table["variant"], "claim": table["claim"],
         "final test acc. % (mean ± std, n)": [
-            agg.format_mean_std(r.final_test_acc_mean / 100, r.final_test_acc_std / 100, r.n_completed, 0, pm=pm)
+            report.format_mean_std(r.final_test_acc_mean / 100, r.final_test_acc_std / 100, r.n_completed, 0, pm=pm)
             for r in table.itertuples()],
         "diverged": [f"{r.n_diverged}/{r.n_runs}" for r in table.itertuples()],
         "best-epoch % †": [("" if pd.isna(v) else f"{v:.2f}") for v in table["best_epoch_test_acc_mean"]],
@@ -89,10 +90,10 @@ NOTES = [
     "Idelbayev, github.com/akamaster/pytorch_resnet_cifar10.",
 ]
 with open(snakemake.output.md, "w") as f:
-    f.write("**Table 1 - main ablation.**\n\n" + agg.to_markdown(display("±"), notes=NOTES))
+    f.write("**Table 1 - main ablation.**\n\n" + report.to_markdown(display("±"), notes=NOTES))
 with open(snakemake.output.tex, "w") as f:
-    f.write(agg.to_latex(display("±"), caption="Main ablation: final-epoch test accuracy (%).",
+    f.write(report.to_latex(display("±"), caption="Main ablation: final-epoch test accuracy (%).",
                          label="tab:ablation", notes=NOTES))
-agg.write_provenance(snakemake.output.provenance, "tab1_ablation", base["run_id"],
+report.write_provenance(snakemake.output.provenance, "tab1_ablation", base["run_id"],
                      [snakemake.output.csv, snakemake.output.md, snakemake.output.tex], [snakemake.input.runs])
 table  # noqa: B018 - shown when run in Jupyter

@@ -29,14 +29,15 @@
 import pandas as pd
 
 from msr import aggregate as agg
+from msr import report
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = agg.standalone_snakemake("tab2_cost", kind="table", variants=list(agg.VARIANT_ORDER))
+    snakemake = report.standalone_snakemake("tab2_cost", kind="table", variants=list(report.VARIANT_ORDER))
 
 runs = pd.read_csv(snakemake.input.runs)
-variants = agg.ordered_variants(snakemake.params.variants)
+variants = report.ordered_variants(snakemake.params.variants)
 base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
 
 # %%
@@ -84,10 +85,10 @@ display = pd.DataFrame({
 NOTES = ["Mean ± std over seeds. Peak memory: cuda_max_allocated on a GPU; process_max_rss "
          "(whole process, torch included) on a CPU."]
 with open(snakemake.output.md, "w") as f:
-    f.write("**Table 2 - cost per variant.**\n\n" + agg.to_markdown(display, notes=NOTES))
+    f.write("**Table 2 - cost per variant.**\n\n" + report.to_markdown(display, notes=NOTES))
 with open(snakemake.output.tex, "w") as f:
-    f.write(agg.to_latex(display, caption="Cost per variant: time per step, throughput, peak memory.",
+    f.write(report.to_latex(display, caption="Cost per variant: time per step, throughput, peak memory.",
                          label="tab:cost", notes=NOTES))
-agg.write_provenance(snakemake.output.provenance, "tab2_cost", base["run_id"],
+report.write_provenance(snakemake.output.provenance, "tab2_cost", base["run_id"],
                      [snakemake.output.csv, snakemake.output.md, snakemake.output.tex], [snakemake.input.runs])
 display  # noqa: B018 - shown when run in Jupyter

@@ -1,4 +1,4 @@
-"""Run directories -> tidy tables, and the small helpers the figure/table notebooks share.
+"""Run directories -> tidy tables and statistics over seeds (presentation lives in msr.report).
 
 ``msr aggregate`` reads the run directories written by ``msr train`` (DESIGN.md, "The run
 directory") and writes, into ``--out``:
@@ -24,7 +24,6 @@ runs a figure needs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from msr import io as msr_io
 
 # The keys that place a run in the grid, in path order: <dataset>/<arch>/<variant>/<tag>/seed<k>
 RUN_KEYS = ("dataset", "arch", "variant", "tag", "seed")
@@ -55,31 +56,6 @@ SUMMARY_METRICS = (
 )
 _SWEEP_OF_TAG = (("base", re.compile(r"^base$")), ("lr", re.compile(r"^lr[0-9.eE+-]+$")),
                  ("batch_size", re.compile(r"^bs\d+$")), ("noise_delta", re.compile(r"^d[0-9.eE+-]+$")))
-
-# Published BatchNorm ResNet numbers on CIFAR-10 (test accuracy, %), shown as reference
-# columns next to our runs - they are NOT runs of this pipeline.
-#   He et al. 2016, "Deep Residual Learning for Image Recognition", Table 6 (100 - error).
-#     ResNet-110 is the mean of 5 runs (error 6.61 +- 0.16); its best run is 93.57.
-#   Idelbayev, github.com/akamaster/pytorch_resnet_cifar10, README (the widely used PyTorch
-#     reproduction whose recipe msr's `bn` variant follows).
-# No comparable published numbers for CIFAR-100 with these nets: left empty.
-PUBLISHED_REFERENCES: dict[str, dict[tuple[str, str], float]] = {
-    "He et al. 2016": {
-        ("cifar10", "resnet20"): 91.25,
-        ("cifar10", "resnet32"): 92.49,
-        ("cifar10", "resnet44"): 92.83,
-        ("cifar10", "resnet56"): 93.03,
-        ("cifar10", "resnet110"): 93.39,
-    },
-    "Idelbayev (PyTorch)": {
-        ("cifar10", "resnet20"): 91.73,
-        ("cifar10", "resnet32"): 92.63,
-        ("cifar10", "resnet44"): 93.10,
-        ("cifar10", "resnet56"): 93.39,
-        ("cifar10", "resnet110"): 93.68,
-    },
-}
-
 
 # --------------------------------------------------------------------------------------------
 # Reading run directories
@@ -277,190 +253,12 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
 
 
 # --------------------------------------------------------------------------------------------
-# Presentation helpers shared by the notebooks (tables and deterministic figure files)
-
-
-def format_mean_std(mean: float, std: float, n: int, n_diverged: int = 0, scale: float = 100.0,
-                    digits: int = 2, pm: str = "±") -> str:
-    """``"91.25 ± 0.31 (n=5)"``; diverged runs appended (``"..., 2 diverged"``); ``"-"`` if
-    no completed run."""
-    if n == 0 or not math.isfinite(mean):
-        text = "-"
-        return f"{text} ({n_diverged} diverged)" if n_diverged else text
-    text = f"{mean * scale:.{digits}f}"
-    if math.isfinite(std):
-        text += f" {pm} {std * scale:.{digits}f}"
-    extra = f"n={n}" + (f", {n_diverged} diverged" if n_diverged else "")
-    return f"{text} ({extra})"
-
-
-def to_markdown(frame: pd.DataFrame, notes: Sequence[str] = ()) -> str:
-    """A GitHub-flavoured pipe table (strings as they are; NaN -> empty)."""
-    cols = [str(c) for c in frame.columns]
-
-    def cell(v) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    if notes:
-        lines.append("")
-        lines.extend(notes)
-    return "\n".join(lines) + "\n"
-
-
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}", "±": r"$\pm$"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
-
-
-def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "",
-             notes: Sequence[str] = ()) -> str:
-    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
-
-    def cell(v) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        return latex_escape(v)
-
-    align = "l" * len(frame.columns)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}",
-             r"\toprule", " & ".join(latex_escape(c) for c in frame.columns) + r" \\", r"\midrule"]
-    for row in frame.itertuples(index=False):
-        lines.append(" & ".join(cell(v) for v in row) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if notes:
-        lines.append(r"\par\smallskip{\footnotesize " + " ".join(latex_escape(n) for n in notes) + "}")
-    if caption:
-        lines.append(rf"\caption{{{latex_escape(caption)}}}")
-    if label:
-        lines.append(rf"\label{{{label}}}")
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
-
-
-# The registry's order (msr.variants.VARIANTS when this was written; a test checks it is still
-# a prefix of it) - fixed colours per variant across every figure. Kept here so the notebooks
-# need not import torch; variants added later sort after these, by name.
-VARIANT_ORDER = ("bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr")
-_PALETTE = ("#1f77b4", "#aec7e8", "#7f7f7f", "#bcbd22", "#ff7f0e", "#9467bd", "#d62728",
-            "#e377c2", "#2ca02c", "#8c564b")
-
-
-_EXTRA_PALETTE = ("#17becf", "#9edae5", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
-                  "#f7b6d2", "#dbdb8d", "#393b79")
-
-
-def variant_color(variant: str) -> str:
-    """A fixed colour per variant; a variant added to the registry later gets a stable colour
-    from a second palette (by a hash of its name), so no figure code needs editing."""
-    if variant in VARIANT_ORDER:
-        return _PALETTE[VARIANT_ORDER.index(variant)]
-    digest = int(hashlib.sha1(variant.encode()).hexdigest(), 16)
-    return _EXTRA_PALETTE[digest % len(_EXTRA_PALETTE)]
-
-
-def ordered_variants(variants: Iterable[str]) -> list[str]:
-    """``variants`` in registry order (unknown names last, sorted)."""
-    variants = list(dict.fromkeys(variants))
-    known = [v for v in VARIANT_ORDER if v in variants]
-    return known + sorted(v for v in variants if v not in VARIANT_ORDER)
-
-
-def panels(runs: pd.DataFrame) -> list[tuple[str, str]]:
-    """The (dataset, arch) pairs present in ``runs``, by dataset then depth."""
-    if runs.empty:
-        return []
-    pairs = runs[["dataset", "arch"]].drop_duplicates()
-    pairs = pairs.assign(depth=pairs["arch"].map(depth_of_arch)).sort_values(["dataset", "depth"])
-    return [(d, a) for d, a in zip(pairs["dataset"], pairs["arch"], strict=True)]
-
-
-def placeholder(ax, message: str) -> None:
-    """An empty panel that says why it is empty (e.g. the config has no runs for it)."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True,
-            fontsize=9, color="0.35")
-
-
-def standalone_snakemake(name: str, kind: str = "figure", **params):
-    """A stand-in for the ``snakemake`` object when a notebook is run by hand (e.g. in Jupyter
-    outside ``snakemake --edit-notebook``): the default tables in, ``results/scratch/`` out."""
-    from types import SimpleNamespace
-
-    out = Path("results/scratch")
-    files = ({"png": out / f"{name}.png", "pdf": out / f"{name}.pdf"} if kind == "figure"
-             else {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"})
-    files["provenance"] = out / f"{name}.provenance.json"
-    return SimpleNamespace(
-        input=SimpleNamespace(runs="results/tables/runs.csv", summary="results/tables/summary.csv",
-                              curves="results/tables/curves.csv"),
-        output=SimpleNamespace(**{k: str(v) for k, v in files.items()}),
-        params=SimpleNamespace(**params),
-    )
-
-
-def figure_style() -> None:
-    """Fixed matplotlib settings so figure bytes do not depend on the user's rc files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    matplotlib.rcdefaults()
-    matplotlib.rcParams.update({
-        "figure.dpi": 100,
-        "savefig.dpi": 150,
-        "font.family": "DejaVu Sans",
-        "font.size": 9,
-        "axes.titlesize": 9,
-        "axes.labelsize": 9,
-        "legend.fontsize": 8,
-        "axes.spines.top": False,
-        "axes.spines.right": False,
-        "axes.grid": True,
-        "grid.alpha": 0.3,
-        "svg.hashsalt": "msr",
-        "pdf.fonttype": 42,
-        "path.simplify": True,
-    })
-
-
-def save_figure(fig, png: str | Path, pdf: str | Path) -> None:
-    """Save ``fig`` as PNG and PDF with no timestamps or version strings in the metadata, so a
-    rerun on the same data gives byte-identical files."""
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, format="png", metadata={"Software": None})
-    fig.savefig(pdf, format="pdf", metadata={"CreationDate": None, "Producer": None,
-                                             "Creator": None})
-
-
-def write_provenance(path: str | Path, name: str, run_ids: Iterable[str],
-                     outputs: Iterable[str | Path], sources: Iterable[str | Path] = ()) -> None:
-    """The sidecar a notebook leaves for the manifest: which runs and tables made its outputs."""
-    record = {"name": name, "outputs": sorted(Path(p).as_posix() for p in outputs),
-              "sources": sorted(Path(p).as_posix() for p in sources),
-              "runs": sorted(set(run_ids))}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=1) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
 # CLI
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Atomic write (temp file + rename), so a half-written table is never read."""
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    tmp.replace(path)
+    msr_io.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
 
 
 def aggregate(run_dirs: Iterable[Path], out: Path, root: Path | None = None) -> dict[str, Path]:

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from msr import io as msr_io
+
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
@@ -87,11 +89,7 @@ def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | Non
 
 
 def write_manifest(manifest: dict, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
-    tmp.replace(out)
+    msr_io.write_text(out, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

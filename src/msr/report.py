@@ -1,0 +1,201 @@
+"""Presentation helpers shared by the figure/table notebooks.
+
+Fixed colours and order per variant, deterministic figure files (no timestamps in PNG/PDF
+metadata, fixed rc settings), Markdown/LaTeX tables via pandas, the provenance sidecars the
+manifest collects, and the published reference numbers shown next to our runs. Imports no
+torch, so notebooks start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from msr import io as msr_io
+from msr.aggregate import depth_of_arch
+
+# Published BatchNorm ResNet numbers on CIFAR-10 (test accuracy, %), shown as reference
+# columns next to our runs - they are NOT runs of this pipeline.
+#   He et al. 2016, "Deep Residual Learning for Image Recognition", Table 6 (100 - error).
+#     ResNet-110 is the mean of 5 runs (error 6.61 +- 0.16); its best run is 93.57.
+#   Idelbayev, github.com/akamaster/pytorch_resnet_cifar10, README (the widely used PyTorch
+#     reproduction whose recipe msr's `bn` variant follows).
+# No comparable published numbers for CIFAR-100 with these nets: left empty.
+PUBLISHED_REFERENCES: dict[str, dict[tuple[str, str], float]] = {
+    "He et al. 2016": {
+        ("cifar10", "resnet20"): 91.25,
+        ("cifar10", "resnet32"): 92.49,
+        ("cifar10", "resnet44"): 92.83,
+        ("cifar10", "resnet56"): 93.03,
+        ("cifar10", "resnet110"): 93.39,
+    },
+    "Idelbayev (PyTorch)": {
+        ("cifar10", "resnet20"): 91.73,
+        ("cifar10", "resnet32"): 92.63,
+        ("cifar10", "resnet44"): 93.10,
+        ("cifar10", "resnet56"): 93.39,
+        ("cifar10", "resnet110"): 93.68,
+    },
+}
+
+
+def format_mean_std(mean: float, std: float, n: int, n_diverged: int = 0, scale: float = 100.0,
+                    digits: int = 2, pm: str = "±") -> str:
+    """``"91.25 ± 0.31 (n=5)"``; diverged runs appended (``"..., 2 diverged"``); ``"-"`` if
+    no completed run."""
+    if n == 0 or not math.isfinite(mean):
+        text = "-"
+        return f"{text} ({n_diverged} diverged)" if n_diverged else text
+    text = f"{mean * scale:.{digits}f}"
+    if math.isfinite(std):
+        text += f" {pm} {std * scale:.{digits}f}"
+    extra = f"n={n}" + (f", {n_diverged} diverged" if n_diverged else "")
+    return f"{text} ({extra})"
+
+
+def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as the string ``str()`` gives (as the notebooks format them); missing -> ''."""
+    return frame.astype(object).where(frame.notna(), "").map(str)
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}", "±": r"$\pm$"}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX's special characters in free text (the table cells go through pandas)."""
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def to_markdown(frame: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """A GitHub-flavoured pipe table (pandas/tabulate; missing values left empty)."""
+    cells = _as_text(frame).map(lambda v: v.replace("|", "\\|"))  # a bare | would split the cell
+    text = cells.to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
+    return text + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "",
+             notes: Sequence[str] = ()) -> str:
+    """A booktabs ``table`` (pandas' Styler; needs ``\\usepackage{booktabs}``), special
+    characters escaped, notes as a footnote-sized paragraph under the tabular."""
+    styler = _as_text(frame).style.hide(axis="index")
+    styler = styler.format(escape="latex").format_index(escape="latex", axis=1)
+    tex = styler.to_latex(caption=latex_escape(caption) or None, label=label or None, hrules=True,
+                          position="t", position_float="centering")
+    if notes:
+        par = r"\par\smallskip{\footnotesize " + " ".join(latex_escape(n) for n in notes) + "}\n"
+        tex = tex.replace("\\end{tabular}\n", "\\end{tabular}\n" + par, 1)
+    return tex.replace("±", r"$\pm$")
+
+
+# The registry's order (msr.variants.VARIANTS when this was written; a test checks it is still
+# a prefix of it) - fixed colours per variant across every figure. Kept here so the notebooks
+# need not import torch; variants added later sort after these, by name.
+VARIANT_ORDER = ("bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr")
+_PALETTE = ("#1f77b4", "#aec7e8", "#7f7f7f", "#bcbd22", "#ff7f0e", "#9467bd", "#d62728",
+            "#e377c2", "#2ca02c", "#8c564b")
+
+
+_EXTRA_PALETTE = ("#17becf", "#9edae5", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+                  "#f7b6d2", "#dbdb8d", "#393b79")
+
+
+def variant_color(variant: str) -> str:
+    """A fixed colour per variant; a variant added to the registry later gets a stable colour
+    from a second palette (by a hash of its name), so no figure code needs editing."""
+    if variant in VARIANT_ORDER:
+        return _PALETTE[VARIANT_ORDER.index(variant)]
+    digest = int(hashlib.sha1(variant.encode()).hexdigest(), 16)
+    return _EXTRA_PALETTE[digest % len(_EXTRA_PALETTE)]
+
+
+def ordered_variants(variants: Iterable[str]) -> list[str]:
+    """``variants`` in registry order (unknown names last, sorted)."""
+    variants = list(dict.fromkeys(variants))
+    known = [v for v in VARIANT_ORDER if v in variants]
+    return known + sorted(v for v in variants if v not in VARIANT_ORDER)
+
+
+def panels(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (dataset, arch) pairs present in ``runs``, by dataset then depth."""
+    if runs.empty:
+        return []
+    pairs = runs[["dataset", "arch"]].drop_duplicates()
+    pairs = pairs.assign(depth=pairs["arch"].map(depth_of_arch)).sort_values(["dataset", "depth"])
+    return [(d, a) for d, a in zip(pairs["dataset"], pairs["arch"], strict=True)]
+
+
+def placeholder(ax, message: str) -> None:
+    """An empty panel that says why it is empty (e.g. the config has no runs for it)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True,
+            fontsize=9, color="0.35")
+
+
+def standalone_snakemake(name: str, kind: str = "figure", **params):
+    """A stand-in for the ``snakemake`` object when a notebook is run by hand (e.g. in Jupyter
+    outside ``snakemake --edit-notebook``): the default tables in, ``results/scratch/`` out."""
+    from types import SimpleNamespace
+
+    out = Path("results/scratch")
+    files = ({"png": out / f"{name}.png", "pdf": out / f"{name}.pdf"} if kind == "figure"
+             else {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"})
+    files["provenance"] = out / f"{name}.provenance.json"
+    return SimpleNamespace(
+        input=SimpleNamespace(runs="results/tables/runs.csv", summary="results/tables/summary.csv",
+                              curves="results/tables/curves.csv"),
+        output=SimpleNamespace(**{k: str(v) for k, v in files.items()}),
+        params=SimpleNamespace(**params),
+    )
+
+
+def figure_style() -> None:
+    """Fixed matplotlib settings so figure bytes do not depend on the user's rc files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcdefaults()
+    matplotlib.rcParams.update({
+        "figure.dpi": 100,
+        "savefig.dpi": 150,
+        "font.family": "DejaVu Sans",
+        "font.size": 9,
+        "axes.titlesize": 9,
+        "axes.labelsize": 9,
+        "legend.fontsize": 8,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "svg.hashsalt": "msr",
+        "pdf.fonttype": 42,
+        "path.simplify": True,
+    })
+
+
+def save_figure(fig, png: str | Path, pdf: str | Path) -> None:
+    """Save ``fig`` as PNG and PDF with no timestamps or version strings in the metadata, so a
+    rerun on the same data gives byte-identical files."""
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, format="png", metadata={"Software": None})
+    fig.savefig(pdf, format="pdf", metadata={"CreationDate": None, "Producer": None,
+                                             "Creator": None})
+
+
+def write_provenance(path: str | Path, name: str, run_ids: Iterable[str],
+                     outputs: Iterable[str | Path], sources: Iterable[str | Path] = ()) -> None:
+    """The sidecar a notebook leaves for the manifest: which runs and tables made its outputs."""
+    record = {"name": name, "outputs": sorted(Path(p).as_posix() for p in outputs),
+              "sources": sorted(Path(p).as_posix() for p in sources),
+              "runs": sorted(set(run_ids))}
+    msr_io.write_text(path, json.dumps(record, indent=1) + "\n")
+
+
