@@ -14,7 +14,7 @@ def test_bench_reports_both_loops_and_shares(tmp_path, capsys):
     ])
     assert code == 0
     r = json.loads(out.read_text())
-    for key in ["ours_images_per_s", "conventional_images_per_s", "speedup_vs_conventional", "grad_mod_share", "noise_share"]:
+    for key in ["ours_images_per_s", "conventional_images_per_s", "speedup_vs_conventional", "grad_mod_share", "noise_share", "ours_data_ms", "conventional_data_ms"]:
         assert r[key] > 0, key
     assert r["speedup_vs_conventional"] == r["conventional_step_ms"] / r["ours_step_ms"]
     printed = capsys.readouterr().out
