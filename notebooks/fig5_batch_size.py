@@ -28,9 +28,7 @@
 # point trains the same number of epochs at a comparable per-sample step.
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
-from matplotlib.ticker import FixedLocator, NullLocator
 
 from msr import aggregate as agg
 from msr import report
@@ -44,40 +42,22 @@ except NameError:
 report.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
 variants = report.ordered_variants(snakemake.params.variants)
-sel = runs[runs["sweep"].isin(["base", "batch_size"]) & runs["variant"].isin(variants)] if not runs.empty else runs
-swept = sel[sel["sweep"] == "batch_size"][["dataset", "arch"]].drop_duplicates()
-sel = sel.merge(swept, on=["dataset", "arch"]) if not sel.empty else sel
+sel = report.select_sweep(runs, variants, "batch_size")
 stats = agg.summarize(sel, metrics=["final_test_acc"], by=["dataset", "arch", "variant", "batch_size"])
 
 # %%
-pairs = report.panels(sel)
-nrows = max(1, len(pairs))
-fig, axes = plt.subplots(nrows, 2, figsize=(9, 3.0 * nrows), squeeze=False, layout="constrained")
-if not pairs:
-    for ax in axes[0]:
-        report.placeholder(ax, "no batch-size sweep in this config")
-for row, (dataset, arch) in enumerate(pairs):
-    ax_acc, ax_div = axes[row]
+fig, rows = report.sweep_axes(sel, "no batch-size sweep in this config")
+for (dataset, arch), (ax_acc, ax_div) in rows:
+    here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
     for variant in variants:
-        s = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch) & (stats["variant"] == variant)]
-        if s.empty:
-            continue
-        s = s.sort_values("batch_size")
-        color = report.variant_color(variant)
-        ok = s[s["n_completed"] > 0]
-        ax_acc.errorbar(ok["batch_size"], 100 * ok["final_test_acc_mean"], yerr=100 * ok["final_test_acc_std"].fillna(0),
-                        color=color, marker="o", ms=4, lw=1.2, capsize=2, label=variant)
-        ax_div.plot(s["batch_size"], 100 * s["divergence_rate"], color=color, marker="o", ms=4, lw=1.2, label=variant)
+        report.plot_vs(ax_acc, here, variant, "batch_size", "final_test_acc_mean")
+        report.plot_vs(ax_div, here, variant, "batch_size", "divergence_rate", errorbars=False, completed_only=False)
     for ax in (ax_acc, ax_div):
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"batch size (lr scaling: {snakemake.params.lr_scaling})")
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", ylabel="test accuracy (%)", ylim=(0, 100))
     ax_div.set(title=f"{dataset} / {arch}: diverged runs", ylabel="diverged (% of seeds)", ylim=(-5, 105))
-    ticks = sorted(sel.loc[(sel["dataset"] == dataset) & (sel["arch"] == arch), "batch_size"].unique())
-    for ax in (ax_acc, ax_div):
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([f"{t:g}" for t in ticks])
+    report.fixed_ticks((ax_acc, ax_div), here["batch_size"])
     ax_acc.legend(frameon=False)
 report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
 report.write_provenance(snakemake.output.provenance, "fig5_batch_size", sel["run_id"],

@@ -29,7 +29,6 @@
 # training batches, as logged - not a separate clean evaluation.
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from msr import aggregate as agg
@@ -43,34 +42,20 @@ except NameError:
 report.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
 variants = report.ordered_variants(snakemake.params.variants)
-sel = runs[runs["sweep"].isin(["base", "noise_delta"]) & runs["variant"].isin(variants)] if not runs.empty else runs
-swept = sel[sel["sweep"] == "noise_delta"][["dataset", "arch"]].drop_duplicates()
-sel = sel.merge(swept, on=["dataset", "arch"]) if not sel.empty else sel
+sel = report.select_sweep(runs, variants, "noise_delta")
 stats = agg.summarize(sel, metrics=["final_test_acc", "train_test_gap"],
                       by=["dataset", "arch", "variant", "noise_delta"])
 
 # %%
-pairs = report.panels(sel)
-nrows = max(1, len(pairs))
-fig, axes = plt.subplots(nrows, 2, figsize=(9, 3.0 * nrows), squeeze=False, layout="constrained")
-if not pairs:
-    for ax in axes[0]:
-        report.placeholder(ax, "no noise sweep in this config")
-for row, (dataset, arch) in enumerate(pairs):
-    ax_acc, ax_gap = axes[row]
+fig, rows = report.sweep_axes(sel, "no noise sweep in this config")
+for (dataset, arch), (ax_acc, ax_gap) in rows:
+    here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
     for variant in variants:
-        s = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch) & (stats["variant"] == variant)]
-        s = s[s["n_completed"] > 0].sort_values("noise_delta")
-        if s.empty:
-            continue
-        color = report.variant_color(variant)
-        ax_acc.errorbar(s["noise_delta"], 100 * s["final_test_acc_mean"], yerr=100 * s["final_test_acc_std"].fillna(0),
-                        color=color, marker="o", ms=4, lw=1.2, capsize=2, label=variant)
-        ax_gap.errorbar(s["noise_delta"], 100 * s["train_test_gap_mean"], yerr=100 * s["train_test_gap_std"].fillna(0),
-                        color=color, marker="o", ms=4, lw=1.2, capsize=2, label=variant)
+        s = report.plot_vs(ax_acc, here, variant, "noise_delta", "final_test_acc_mean")
+        report.plot_vs(ax_gap, here, variant, "noise_delta", "train_test_gap_mean")
         for _, r in s[s["n_diverged"] > 0].iterrows():
             ax_acc.annotate(f"{int(r['n_diverged'])} diverged", (r["noise_delta"], 100 * r["final_test_acc_mean"]),
-                            fontsize=6, color=color, xytext=(3, -8), textcoords="offset points")
+                            fontsize=6, color=report.variant_color(variant), xytext=(3, -8), textcoords="offset points")
     ax_gap.axhline(0, color="0.6", lw=0.8)
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", xlabel="noise magnitude d", ylabel="test accuracy (%)")
     ax_gap.set(title=f"{dataset} / {arch}: train - test gap", xlabel="noise magnitude d", ylabel="gap (points)")

@@ -199,3 +199,59 @@ def write_provenance(path: str | Path, name: str, run_ids: Iterable[str],
     msr_io.write_text(path, json.dumps(record, indent=1) + "\n")
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep figures (learning rate, batch size, noise): one row of panels per (dataset, arch)
+
+
+def select_sweep(runs: pd.DataFrame, variants: Sequence[str], sweep: str) -> pd.DataFrame:
+    """Runs of ``variants`` from the main grid and the ``sweep``, only for the (dataset, arch)
+    pairs where the sweep ran - a main-grid run alone is not a sweep."""
+    if runs.empty:
+        return runs
+    sel = runs[runs["sweep"].isin(["base", sweep]) & runs["variant"].isin(list(variants))]
+    swept = sel[sel["sweep"] == sweep][["dataset", "arch"]].drop_duplicates()
+    return sel.merge(swept, on=["dataset", "arch"])
+
+
+def sweep_axes(sel: pd.DataFrame, empty_message: str, width: float = 9.0):
+    """A figure with two panels per (dataset, arch) of ``sel``; a placeholder row if none."""
+    import matplotlib.pyplot as plt
+
+    pairs = panels(sel)
+    fig, axes = plt.subplots(max(1, len(pairs)), 2, figsize=(width, 3.0 * max(1, len(pairs))),
+                             squeeze=False, layout="constrained")
+    if not pairs:
+        for ax in axes[0]:
+            placeholder(ax, empty_message)
+    return fig, list(zip(pairs, axes, strict=False))
+
+
+def plot_vs(ax, stats: pd.DataFrame, variant: str, x: str, y: str, *, errorbars: bool = True,
+            completed_only: bool = True, scale: float = 100.0) -> pd.DataFrame:
+    """One variant's ``y`` (``<metric>_mean`` with ``_std`` bars) against ``x``, sorted by x;
+    returns the rows drawn."""
+    s = stats[stats["variant"] == variant].sort_values(x)
+    if completed_only:
+        s = s[s["n_completed"] > 0]
+    if s.empty:
+        return s
+    style = dict(color=variant_color(variant), marker="o", ms=4, lw=1.2, label=variant)
+    if errorbars:
+        std = s[y.removesuffix("_mean") + "_std"].fillna(0)
+        ax.errorbar(s[x], scale * s[y], yerr=scale * std, capsize=2, **style)
+    else:
+        ax.plot(s[x], scale * s[y], **style)
+    return s
+
+
+def fixed_ticks(axes: Iterable, values: Iterable[float]) -> None:
+    """Ticks exactly at the swept values (log axes would otherwise show powers of ten)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ticks = sorted(set(values))
+    for ax in axes:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
