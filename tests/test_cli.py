@@ -1,0 +1,50 @@
+"""The `msr` command's small subcommands (train and bench have their own test files)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from msr import __version__
+from msr.cli import main
+
+
+def test_variants_lists_the_registry(capsys):
+    assert main(["variants"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr"]
+
+
+def test_prepare_then_datasets_shows_the_cache(tmp_path, capsys):
+    root = tmp_path / "data"
+    assert main(["datasets", "--data-root", str(root)]) == 0
+    assert "digits     not prepared" in capsys.readouterr().out
+    assert main(["prepare", "--dataset", "digits", "--data-root", str(root), "--image-size", "8"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path.endswith("digits-8.pt") and (root / "processed" / "digits-8.pt").exists()
+    assert main(["datasets", "--data-root", str(root)]) == 0
+    assert "digits     cached: digits-8.pt" in capsys.readouterr().out
+
+
+def test_prepare_cifar_offline_without_archive_fails_cleanly(tmp_path, capsys):
+    code = main(["prepare", "--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("msr prepare: error:") and "Traceback" not in err
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+def test_python_dash_m_and_version():
+    done = subprocess.run([sys.executable, "-m", "msr", "--version"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == f"msr {__version__}"
+
+
+@pytest.mark.parametrize("command", ["aggregate", "manifest", "bench"])
+def test_forwarded_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"msr {command}" in capsys.readouterr().out
