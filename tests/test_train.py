@@ -70,6 +70,8 @@ def test_probes_cover_every_layer_and_show_the_isocline(msr_run):
     assert iso and max(iso) < 1e-4  # msr stays zero-mean
     metrics = {r["metric"] for r in probes}
     assert {"mean_shift", "slice_mean_rms", "filter_norm", "gain", "gain_over_norm", "logit_rms", "grad_norm"} <= metrics
+    # the gradient norm belongs to the step it was measured at: probe steps only
+    assert sorted(int(r["step"]) for r in probes if r["metric"] == "grad_norm") == list(range(5, 45, 5))
 
 
 def test_same_seed_same_numbers_different_seed_different(tmp_path, msr_run):

@@ -409,7 +409,7 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
     log(f"training {cfg_str}: {cfg.epochs} epochs x {len(run.train_loader)} steps, lr {run.base_lr}")
     show_bar = sys.stderr.isatty() if progress is None else progress
     model, opt, variant, scaler = run.model, run.optimizer, run.variant, run.scaler
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     status, diverged_at = "completed", None
     wall_start = time.perf_counter() - run.wall_seconds
     # on CUDA a host sync per step costs throughput: find the first non-finite loss on the
@@ -426,7 +426,6 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
         correct = torch.zeros((), device=run.device, dtype=torch.long)
         seen = 0
         first_bad = torch.full((), -1, device=run.device, dtype=torch.long)
-        last_gn = None
         bar = tqdm(run.train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not show_bar, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
@@ -442,15 +441,15 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
             scaler.unscale_(opt)  # no-op unless fp16: the projection must see true gradients
             variant.after_backward()
             run.step += 1
-            if run.step % cfg.probe_every == 0:
-                last_gn = grad_norm(params)
+            probing = run.step % cfg.probe_every == 0
+            gn = grad_norm(params) if probing else None  # of the gradient this step applies
             scaler.step(opt)
             scaler.update()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if run.step % cfg.probe_every == 0:
-                run.probe(last_gn)
+            if probing:
+                run.probe(gn)
         bar.close()
         if first_bad.item() >= 0:
             status, diverged_at = "diverged", int(first_bad.item())
@@ -464,7 +463,7 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
         test_loss, test_acc = run.evaluate()
         run.epoch = epoch
         if run.probes and run.probes[-1][0] != run.step:
-            run.probe(last_gn)
+            run.probe()  # the grad norm is measured at probe steps only, never carried over
         run.scheduler.step()
         seconds = time.perf_counter() - t0
         run.train_seconds += train_time
