@@ -152,6 +152,18 @@ def test_train_jobs_get_only_their_own_options(workdir):
     assert "--image-size" not in cmd and "--noise-delta" not in cmd
 
 
+def test_sweep_runs_probe_sparsely_main_grid_densely(workdir):
+    cfg = load("default.yaml")["train"]
+    done = snakemake(workdir, "-n", "-p", "results/runs/digits/resnet20/msr/base/seed0/summary.json",
+                     "results/runs/digits/resnet20/msr/bs8/seed0/summary.json")
+    assert done.returncode == 0, done.stderr
+    cmds = {line.split("--out ")[1].split()[0]: line for line in (done.stdout + done.stderr).splitlines()
+            if "msr train" in line}
+    assert f"--probe-every {cfg['probe_every']} " in cmds["results/runs/digits/resnet20/msr/base/seed0"]
+    assert f"--probe-every {cfg['sweep_probe_every']} " in cmds["results/runs/digits/resnet20/msr/bs8/seed0"]
+    assert cfg["sweep_probe_every"] > cfg["probe_every"]
+
+
 def test_global_noise_delta_changes_only_the_noisy_variants(workdir, tmp_path):
     overlay = tmp_path / "noise.yaml"
     overlay.write_text(yaml.safe_dump({"train": {"noise_delta": 0.2}}))

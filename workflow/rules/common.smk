@@ -179,6 +179,12 @@ def prepare_input(wildcards):
     return []
 
 
+def probe_every(run):
+    """Sweep runs may probe more sparsely (train.sweep_probe_every): only the main grid's probes are plotted."""
+    sparse = config["train"]["sweep_probe_every"]
+    return config["train"]["probe_every"] if run.tag == "base" or sparse is None else sparse
+
+
 def train_args(wildcards):
     """The command-line options of one run - and nothing else, so editing any other part of the
     config (another run, a sweep, the analysis) never changes this job's params."""
@@ -188,7 +194,7 @@ def train_args(wildcards):
     run, train = RUNS[key], config["train"]
     args = [f"--dataset {run.dataset}", f"--arch {run.arch}", f"--variant {run.variant}",
             f"--seed {run.seed}", f"--epochs {train['epochs']}", f"--batch-size {run.batch_size}",
-            f"--device {train['device']}", f"--probe-every {train['probe_every']}",
+            f"--device {train['device']}", f"--probe-every {probe_every(run)}",
             f"--data-root {DATA_ROOT}"]
     if run.lr is not None:
         args.append(f"--lr {run.lr!r}")
