@@ -93,9 +93,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         values.update(opts)
         if overrides:
             values["overrides"] = overrides
+        if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
+            from msr.gpu import claim_for_run
+
+            claim_for_run(gpu_slots, str(values.get("device", "auto")))
         cfg = msr_train.RunConfig.from_dict(values)
         summary = msr_train.train(cfg, out, progress=progress)
-    except (msr_train.ConfigError, DatasetError, FileNotFoundError, ValueError, yaml.YAMLError) as e:
+    except (msr_train.ConfigError, msr_train.RunDirError, DatasetError, OSError, ValueError, yaml.YAMLError) as e:
+        # RunDirError: a damaged / locked run directory or a full disk, already one line that
+        # names the file and what to do
         return _fail("msr train", str(e))
     return 0 if summary["status"] in ("completed", "diverged") else 1
 

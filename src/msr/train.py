@@ -5,12 +5,18 @@
     <out>/probes.csv     step, layer, metric, value (msr.probes)
     <out>/summary.json   status completed|diverged, final (headline) and best test accuracy, ...
     <out>/checkpoint.pt  last epoch's state, for resume
+    <out>/.lock          held (fcntl.flock) while a process writes the directory
 
-Every file is written atomically. A run whose summary.json exists does nothing; a run with a
-checkpoint resumes and ends bitwise identical (on CPU, same thread count) to an uninterrupted
-one, because the data order and augmentation are a pure function of (seed, epoch) and the
-checkpoint holds every other source of randomness. A non-finite loss ends the run as
-``diverged`` - a result, not a crash.
+Every file is written atomically. A complete run (summary.json and a metrics.csv that agrees
+with it, msr.rundir.check_complete) does nothing; a run with a checkpoint resumes and ends
+bitwise identical (on CPU, same thread count) to an uninterrupted one, because the data order
+and augmentation are a pure function of (seed, epoch) and the checkpoint holds every other
+source of randomness. A non-finite loss ends the run as ``diverged`` - a result, not a crash.
+
+A directory that is neither fresh, nor resumable, nor complete - a damaged or truncated file,
+files that disagree with the checkpoint, an older metrics schema, another live writer, a full
+disk - stops with a :class:`msr.rundir.RunDirError`: one line naming the file and what to do.
+Resume never silently restarts: a damaged directory is the user's to delete.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import platform
@@ -38,10 +43,36 @@ from msr import data as msr_data
 from msr import io as msr_io
 from msr.models import parse_arch
 from msr.probes import Prober, grad_norm
+from msr.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    METRIC_COLUMNS,
+    METRICS,
+    PROBE_COLUMNS,
+    PROBES,
+    SUMMARY,
+    RunDirError,
+    RunLock,
+    check_complete,
+    damaged,
+    read_json,
+    read_metrics,
+    read_probes,
+    span,
+)
 from msr.variants import VARIANTS, Variant, build, get_spec
 
-METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "images_per_s"]
-PROBE_COLUMNS = ["step", "layer", "metric", "value"]
+__all__ = ["METRIC_COLUMNS", "PROBE_COLUMNS", "ConfigError", "RunConfig", "RunDirError", "train"]
+# Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
+# the first min(N, 1000) training images in their stored order - eval mode, no augmentation,
+# the test set's code path - because train_acc is a running average over augmented (and, for
+# the noise variants, noisy) batches while the weights move, so it cannot be compared with test
+# accuracy. The stored order is fixed and not sorted by class (digits: the stratified split in
+# the original order; CIFAR / Fashion-MNIST: the official order), so the prefix is a fixed,
+# roughly class-balanced sample; 1000 images give a standard error of at most 1.6 points for
+# one extra eval pass of <= 1000 images an epoch. It contains the probe batch (the first
+# probe_batch images); both are read-only measurements, so the overlap changes nothing.
+CLEAN_TRAIN_IMAGES = 1000
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # the paper's recipe on CIFAR; digits has 1437 training images, where batch 128 would give 11
 # steps an epoch, so its defaults take smaller batches (the method's lr stays the paper's)
@@ -170,13 +201,6 @@ def _csv_text(columns: list[str], rows: list) -> str:
     return buf.getvalue()
 
 
-def _read_csv(path: Path, types: list[type]) -> list[tuple]:
-    with path.open() as f:
-        reader = csv.reader(f)
-        next(reader)
-        return [tuple(t(v) for t, v in zip(types, row, strict=True)) for row in reader]
-
-
 def _metrics_row(m: dict[str, float]) -> list:
     return [m[c] for c in METRIC_COLUMNS]
 
@@ -245,6 +269,10 @@ class Run:
             crop_padding=ds.crop_padding, flip=ds.flip, **common,
         )
         self.test_loader = msr_data.DeviceLoader(ds.test_x, ds.test_y, batch_size=cfg.eval_batch_size, train=False, **common)
+        n_clean = min(len(ds.train_x), CLEAN_TRAIN_IMAGES)
+        self.clean_train_loader = msr_data.DeviceLoader(
+            ds.train_x[:n_clean], ds.train_y[:n_clean], batch_size=cfg.eval_batch_size, train=False, **common
+        )
         # a fixed, un-augmented batch of training images for the probes (never the test set)
         probe_loader = msr_data.DeviceLoader(
             ds.train_x[: cfg.probe_batch], ds.train_y[: cfg.probe_batch], batch_size=cfg.probe_batch, train=False, **common
@@ -272,6 +300,7 @@ class Run:
             device=str(self.device),
             precision=self.precision,
             milestones=list(self.cfg.milestones),
+            clean_train_images=self.clean_train_loader.num_samples,
             variant_spec=dataclasses.asdict(self.variant.spec),
             n_params=sum(p.numel() for p in self.model.parameters()),
             versions={"python": platform.python_version(), "torch": torch.__version__, "msr": msr.__version__},
@@ -297,22 +326,55 @@ class Run:
         )
 
     def try_resume(self) -> bool:
-        path = self.out / "checkpoint.pt"
+        """Restore the checkpoint and the rows written up to it; False if there is none.
+
+        The files must agree with the checkpoint: metrics.csv holds exactly its epochs 1..E
+        and probes.csv parses completely and reaches its step. The one tolerated difference is
+        a job that died between writing the files and the checkpoint: one extra trailing epoch
+        in metrics.csv (and its probes), dropped here and retrained. Anything else is a
+        RunDirError, not a silent restart (module docstring).
+        """
+        path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], self.device)
-        self.epoch, self.step, self.images_seen = ckpt["epoch"], ckpt["step"], ckpt["images_seen"]
-        self.train_seconds, self.wall_seconds = ckpt["train_seconds"], ckpt["wall_seconds"]
-        # the files may be one epoch ahead of the checkpoint if the job died in between
-        rows = _read_csv(self.out / "metrics.csv", [int, int] + [float] * 7) if (self.out / "metrics.csv").exists() else []
-        self.metrics = [dict(zip(METRIC_COLUMNS, r, strict=True)) for r in rows if r[0] <= self.epoch]
-        probes = _read_csv(self.out / "probes.csv", [int, str, str, float]) if (self.out / "probes.csv").exists() else []
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+            # torch's own text may suggest weights_only=False: never pass that on
+            raise damaged(path, f"cannot be loaded ({type(err).__name__}: truncated or corrupt)") from None
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"], self.device)
+            self.epoch, self.step, self.images_seen = ckpt["epoch"], ckpt["step"], ckpt["images_seen"]
+            self.train_seconds, self.wall_seconds = ckpt["train_seconds"], ckpt["wall_seconds"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise damaged(path, f"does not fit this run's model and optimizer ({type(err).__name__})") from None
+
+        metrics = read_metrics(self.out / METRICS)
+        epochs = [m["epoch"] for m in metrics]
+        if epochs == list(range(1, self.epoch + 2)):
+            self.log(f"{self.out / METRICS}: dropping epoch {self.epoch + 1}, written after the last checkpoint "
+                     f"(the job died between the two writes); it is trained again")
+            metrics = metrics[:-1]
+        elif epochs != list(range(1, self.epoch + 1)):
+            raise damaged(self.out / METRICS, f"holds epochs {span(epochs)}, but {CHECKPOINT} is after epoch {self.epoch}")
+        if metrics[-1]["step"] != self.step:
+            raise damaged(self.out / METRICS, f"epoch {self.epoch} ends at step {metrics[-1]['step']}, "
+                          f"{CHECKPOINT} at step {self.step}")
+        self.metrics = metrics
+        probes = read_probes(self.out / PROBES)
         self.probes = [r for r in probes if r[0] <= self.step]
+        # every epoch end is probed, so the probes up to the checkpoint end at its step
+        if not self.probes or self.probes[-1][0] != self.step:
+            last = self.probes[-1][0] if self.probes else None
+            raise damaged(self.out / PROBES, f"probes up to the checkpoint end at step {last}, "
+                          f"{CHECKPOINT} is at step {self.step}")
+        if len(self.probes) < len(probes):
+            self.log(f"{self.out / PROBES}: dropping {len(probes) - len(self.probes)} rows after step {self.step}, "
+                     "written after the last checkpoint")
         return True
 
     def write_progress(self) -> None:
@@ -321,6 +383,9 @@ class Run:
 
     def summary(self, status: str, diverged_at_step: int | None) -> dict[str, Any]:
         last = self.metrics[-1] if self.metrics else None
+        if status == "completed" and (last is None or not math.isfinite(last["test_acc"])):
+            # never write a completed run without a headline (it would be averaged as one)
+            raise damaged(self.out / METRICS, f"no finite final test accuracy for a completed run of {self.epoch} epochs")
         best = max(self.metrics, key=lambda m: m["test_acc"]) if self.metrics else None
         mem, mem_kind = peak_memory_mb(self.device)
         return {
@@ -329,6 +394,8 @@ class Run:
             "final_test_loss": last["test_loss"] if last else math.nan,
             "final_train_acc": last["train_acc"] if last else math.nan,
             "final_train_loss": last["train_loss"] if last else math.nan,
+            "final_clean_train_acc": last["clean_train_acc"] if last else math.nan,
+            "final_clean_train_loss": last["clean_train_loss"] if last else math.nan,
             # best epoch by *test* accuracy: shown for reference only, never the headline
             "best_test_acc": best["test_acc"] if best else math.nan,
             "best_epoch": best["epoch"] if best else None,
@@ -346,17 +413,18 @@ class Run:
 
     # ---- evaluation
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, loader: msr_data.DeviceLoader) -> tuple[float, float]:
+        """Mean loss and accuracy over ``loader`` in eval mode (the test set, the clean train subset)."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for x, y in self.test_loader:
+        for x, y in loader:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.forward(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         self.model.train()
-        n = len(self.test_loader.labels)
+        n = loader.num_samples
         return loss_sum.item() / n, correct.item() / n
 
     def probe(self, last_grad_norm: torch.Tensor | None = None) -> None:
@@ -364,42 +432,87 @@ class Run:
         self.probes.extend(self.prober(self.step, gn))
 
 
-def _check_existing(out: Path, record: dict[str, Any], log=print) -> None:
-    """A run directory belongs to one config: refuse to mix results of two."""
-    path = out / "config.json"
-    if not path.exists():
-        return
+# the config fields that define a run's results: a directory holds one value of each
+RESULT_KEYS = ("dataset", "arch", "variant", "epochs", "seed", "lr", "batch_size", "noise_delta", "image_size",
+               "overrides", "milestones", "gamma", "momentum")
 
-    old = json.loads(path.read_text())
-    keys = ["dataset", "arch", "variant", "epochs", "seed", "lr", "batch_size", "noise_delta", "image_size", "overrides", "milestones", "gamma", "momentum"]
-    diff = [k for k in keys if old.get(k) != record.get(k)]
+
+def _requested(cfg: RunConfig) -> dict[str, Any]:
+    """The RESULT_KEYS of ``cfg`` as config.json records them, without loading the data (an
+    image size left to the dataset's default is not compared)."""
+    spec = get_spec(cfg.variant, **cfg.variant_overrides())
+    rec = {k: getattr(cfg, k) for k in RESULT_KEYS}
+    rec.update(lr=cfg.lr if cfg.lr is not None else spec.lr, noise_delta=spec.noise_delta,
+               milestones=list(cfg.milestones))
+    if cfg.image_size is None:
+        del rec["image_size"]
+    return rec
+
+
+def _refuse_other_config(out: Path, old: dict[str, Any], record: dict[str, Any]) -> None:
+    """A run directory belongs to one config: refuse to mix (or report) results of two."""
+    diff = [k for k in RESULT_KEYS if k in record and old.get(k) != record[k]]
     if diff:
         raise ConfigError(f"{out} already holds a run with a different config (differs in: {', '.join(diff)}); use another --out or delete it")
+
+
+def _check_existing(out: Path, record: dict[str, Any], log=print) -> None:
+    """Before (re)starting a run: the directory's config.json, if any, is this config's."""
+    path = out / CONFIG
+    if not path.exists():
+        if (out / CHECKPOINT).exists():  # config.json is written before any checkpoint
+            raise damaged(path, f"missing next to {CHECKPOINT}")
+        return
+    old = read_json(path)
+    _refuse_other_config(out, old, record)
     if old.get("threads") != record.get("threads"):
         # still a valid run, but no longer bitwise identical to an uninterrupted one
         log(f"warning: {out} was started with {old.get('threads')} threads, resuming with {record.get('threads')}")
 
 
+def _already_complete(cfg: RunConfig, out: Path, log) -> dict[str, Any]:
+    """The summary of a complete run of ``cfg`` in ``out``; a damaged one, or one of another
+    config, is an error (never reported complete)."""
+    summary = check_complete(out)
+    _refuse_other_config(out, read_json(out / CONFIG), _requested(cfg))
+    log(f"{out}: already complete, nothing to do")
+    return summary
+
+
 def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Train one run into ``out`` and return its summary (the existing one if already complete).
 
-    ``stop_after_epoch`` ends the process-equivalent early, leaving a checkpoint as a killed
-    job would (used by tests of resume).
+    Holds ``out``'s lock while it writes: a second writer fails at once (RunDirError naming
+    the holder). A full disk is a RunDirError too. ``stop_after_epoch`` ends the
+    process-equivalent early, leaving a checkpoint as a killed job would (used by tests of
+    resume).
     """
     cfg.validate()
     out = Path(out)
-    done = out / "summary.json"
-    if done.exists():
+    if (out / SUMMARY).exists():
+        return _already_complete(cfg, out, log)
+    created = not out.exists()
+    lock = RunLock(out).acquire()
+    try:
+        if (out / SUMMARY).exists():  # finished by the previous holder just now
+            return _already_complete(cfg, out, log)
+        return _train_locked(cfg, out, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
+    except msr_io.NoSpaceError as err:
+        raise RunDirError(str(err)) from None
+    finally:
+        lock.release()
+        if created:
+            try:
+                out.rmdir()  # only if nothing was written (e.g. the dataset failed to load)
+            except OSError:
+                pass
 
 
-        log(f"{out}: already complete, nothing to do")
-        return json.loads(done.read_text())
-
+def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop_after_epoch: int | None) -> dict[str, Any]:
     run = Run(cfg, out, log=log)
     record = run.config_record()
     _check_existing(out, record, log)
-    out.mkdir(parents=True, exist_ok=True)
-    msr_io.write_json(out / "config.json", record)
+    msr_io.write_json(out / CONFIG, record)
     if run.try_resume():
         log(f"{out}: resuming after epoch {run.epoch} (step {run.step})")
     else:
@@ -460,7 +573,8 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
             log(f"epoch {epoch}: loss became non-finite at step {diverged_at}: run diverged")
             break
         train_time = time.perf_counter() - t0
-        test_loss, test_acc = run.evaluate()
+        test_loss, test_acc = run.evaluate(run.test_loader)
+        clean_loss, clean_acc = run.evaluate(run.clean_train_loader)
         run.epoch = epoch
         if run.probes and run.probes[-1][0] != run.step:
             run.probe()  # the grad norm is measured at probe steps only, never carried over
@@ -475,6 +589,8 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
             "lr": epoch_lr,
             "train_loss": loss_sum.item() / max(seen, 1),
             "train_acc": correct.item() / max(seen, 1),
+            "clean_train_loss": clean_loss,
+            "clean_train_acc": clean_acc,
             "test_loss": test_loss,
             "test_acc": test_acc,
             "seconds": seconds,
@@ -485,7 +601,7 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
         run.save_checkpoint()
         line = (
             f"epoch {epoch:>3}/{cfg.epochs} step {run.step:>6} lr {m['lr']:.4g} "
-            f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f} | "
+            f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f} clean acc {clean_acc:.4f} | "
             f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f}s {m['images_per_s']:.0f} img/s"
         )
         (tqdm.write if show_bar else log)(line)
@@ -495,7 +611,7 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
     run.wall_seconds = time.perf_counter() - wall_start
     run.write_progress()
     summary = run.summary(status, diverged_at)
-    msr_io.write_json(done, summary)
+    msr_io.write_json(out / SUMMARY, summary)
     log(
         f"{out}: {status}; final test acc {summary['final_test_acc']:.4f} after {run.epoch} epochs"
         + (f" (diverged at step {diverged_at})" if diverged_at else "")
