@@ -13,6 +13,7 @@ import pytest
 
 from msr import aggregate as agg
 from msr import manifest, report
+from msr.rundir import METRIC_COLUMNS
 
 SPEC_FIELDS = {"name": "msr", "description": "nf + ZMI + ZMG", "claim": "2, 3", "norm": "none",
                "affine": True, "init": "zmi", "grad": "project", "granularity": "channel", "lam": 1.0,
@@ -41,10 +42,10 @@ def write_fake_run(root: Path, *, dataset="digits", arch="resnet20", variant="ms
     for e in range(1, done_epochs + 1):
         frac = e / epochs
         rows.append({"epoch": e, "step": e * steps_per_epoch, "lr": lr, "train_loss": 2.0 - frac,
-                     "train_acc": final_train_acc * frac, "test_loss": 2.1 - frac,
+                     "train_acc": final_train_acc * frac, "clean_train_loss": 1.9 - frac,
+                     "clean_train_acc": (final_train_acc + 0.02) * frac, "test_loss": 2.1 - frac,
                      "test_acc": final_test_acc * frac, "seconds": 1.0, "images_per_s": 640.0})
-    pd.DataFrame(rows, columns=["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-                                "seconds", "images_per_s"]).to_csv(run / "metrics.csv", index=False)
+    pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(run / "metrics.csv", index=False)
     probes = []
     for step in range(0, done_epochs * steps_per_epoch + 1, 5):
         for i, layer in enumerate(["stem", "blocks.0.conv1", "blocks.0.conv2"]):
@@ -57,6 +58,8 @@ def write_fake_run(root: Path, *, dataset="digits", arch="resnet20", variant="ms
         "status": status, "final_test_acc": last_acc, "best_test_acc": last_acc,
         "best_epoch": done_epochs or None, "final_train_acc": final_train_acc if status == "completed" else math.nan,
         "final_train_loss": 1.0, "final_test_loss": 1.1,
+        "final_clean_train_acc": final_train_acc + 0.02 if status == "completed" else math.nan,
+        "final_clean_train_loss": 0.9,
         "diverged_at_step": diverged_at_step if status == "diverged" else None,
         "epochs_completed": done_epochs, "steps": done_epochs * steps_per_epoch, "wall_seconds": 3.0,
         "train_seconds": 2.0, "mean_step_seconds": step_seconds, "images_per_s": 640.0,

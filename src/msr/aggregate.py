@@ -11,6 +11,12 @@ directory") and writes, into ``--out``:
   ``SUMMARY_METRICS``, ``<metric>_mean/_std/_ci95`` over the *completed* runs;
 - ``curves.csv``  every run's per-epoch ``metrics.csv`` stacked, with the run's keys.
 
+Every listed run must be complete and undamaged (``msr.rundir.check_complete``: config.json,
+summary.json, metrics.csv agreeing with it, a whole probes.csv); one that is not stops the
+aggregation with a one-line :class:`~msr.rundir.RunDirError` naming the run's file - a run is
+never dropped from a table or a figure while the provenance still lists it. So ``n_completed``
+counts exactly the runs each mean averages (a completed run always has a finite headline).
+
 Why completed runs only: a diverged run's last evaluation is of a model that is about to
 become non-finite, so averaging it in would mix two different outcomes. Divergence is
 instead reported as its own count and rate, next to every mean (never dropped silently).
@@ -35,6 +41,16 @@ import numpy as np
 import pandas as pd
 
 from msr import io as msr_io
+from msr.rundir import (
+    METRIC_COLUMNS,
+    METRICS,
+    PROBES,
+    RunDirError,
+    check_complete,
+    damaged,
+    last_probe_step,
+    read_json,
+)
 
 # The keys that place a run in the grid, in path order: <dataset>/<arch>/<variant>/<tag>/seed<k>
 RUN_KEYS = ("dataset", "arch", "variant", "tag", "seed")
@@ -45,9 +61,12 @@ SUMMARY_METRICS = (
     "final_test_acc",
     "best_test_acc",
     "final_train_acc",
+    "final_clean_train_acc",
     "train_test_gap",
+    "clean_train_test_gap",
     "final_test_loss",
     "final_train_loss",
+    "final_clean_train_loss",
     "mean_step_seconds",
     "images_per_s",
     "peak_memory_mb",
@@ -75,13 +94,6 @@ def depth_of_arch(arch: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
-
-
 def _run_dir(path: Path) -> Path:
     """A run directory from itself or from its summary.json."""
     return path.parent if path.name == "summary.json" else path
@@ -104,10 +116,11 @@ def run_id(run_dir: Path, root: Path | None = None) -> str:
 
 
 def load_run(run_dir: Path, root: Path | None = None) -> dict:
-    """One flat record of a run: config fields, spec fields (``spec_*``), summary, keys."""
+    """One flat record of a run: config fields, spec fields (``spec_*``), summary, keys.
+    A damaged or incomplete run is a RunDirError naming its file."""
     run_dir = _run_dir(Path(run_dir))
-    config = _read_json(run_dir / "config.json")
-    summary = _read_json(run_dir / "summary.json")
+    summary = check_complete(run_dir)
+    config = read_json(run_dir / "config.json")
     record: dict = {"run_id": run_id(run_dir, root), "run_dir": run_dir.as_posix()}
     for key, value in config.items():
         if key == "variant_spec":
@@ -128,6 +141,8 @@ def load_run(run_dir: Path, root: Path | None = None) -> dict:
     record["diverged"] = summary.get("status") == "diverged"
     train_acc, test_acc = _num(summary.get("final_train_acc")), _num(summary.get("final_test_acc"))
     record["train_test_gap"] = train_acc - test_acc
+    # clean: eval mode, no augmentation (msr.train.CLEAN_TRAIN_IMAGES) - comparable with test
+    record["clean_train_test_gap"] = _num(summary.get("final_clean_train_acc")) - test_acc
     return record
 
 
@@ -159,9 +174,9 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
     keys = [k for k in keys if k in runs.columns]
     frames = []
     for row in runs.itertuples(index=False):
-        path = Path(row.run_dir) / "metrics.csv"
-        if not path.exists():
-            continue
+        path = Path(row.run_dir) / METRICS
+        if not path.exists():  # never drop a listed run's curve silently
+            raise damaged(path, "missing")
         metrics = pd.read_csv(path)
         if metrics.empty:
             continue
@@ -170,21 +185,19 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
             metrics.insert(0, f"run_{key}" if key in metrics.columns else key, getattr(row, key))
         frames.append(metrics)
     if not frames:
-        return pd.DataFrame(columns=[*(f"run_{k}" if k == "lr" else k for k in keys), "epoch",
-                                     "step", "lr", "train_loss", "train_acc", "test_loss",
-                                     "test_acc", "seconds", "images_per_s"])
+        return pd.DataFrame(columns=[*(f"run_{k}" if k == "lr" else k for k in keys), *METRIC_COLUMNS])
     curves = pd.concat(frames, ignore_index=True)
     return curves
 
 
 def load_probes(run_dirs: Iterable[Path | str], metrics: Sequence[str] | None = None,
                 root: Path | None = None) -> pd.DataFrame:
-    """The probes of a few runs (long format: run_id, step, layer, metric, value)."""
+    """The probes of a few runs (long format: run_id, step, layer, metric, value); a missing or
+    truncated probes.csv is a RunDirError, never a run silently left out of a figure."""
     frames = []
     for run_dir in run_dirs:
-        path = _run_dir(Path(run_dir)) / "probes.csv"
-        if not path.exists():
-            continue
+        path = _run_dir(Path(run_dir)) / PROBES
+        last_probe_step(path)  # exists, has the header, ends with a whole line
         probes = pd.read_csv(path)
         if metrics is not None:
             probes = probes[probes["metric"].isin(list(metrics))]
@@ -238,6 +251,13 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
         row = dict(zip(by, key, strict=True))
         status = group["status"].astype(str)
         completed = group[status == "completed"]
+        if "final_test_acc" in completed:
+            # a completed run without a headline would be counted in n but not in the mean
+            finite = np.isfinite(pd.to_numeric(completed["final_test_acc"], errors="coerce").to_numpy(dtype=float))
+            if not finite.all():
+                bad = completed.get("run_id", completed["seed"])[~finite].tolist()
+                raise ValueError(f"completed run(s) {bad} have no finite final_test_acc: their run "
+                                 "directories are damaged; delete them and rerun")
         n_div = int((status == "diverged").sum())
         row.update(n=len(group), n_completed=len(completed), n_diverged=n_div,
                    divergence_rate=n_div / len(group),
@@ -293,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         paths = aggregate(run_dirs, args.out, args.runs)
-    except ValueError as err:
-        print(f"msr aggregate: {err}", file=sys.stderr)
+    except (RunDirError, ValueError, OSError) as err:
+        print(f"msr aggregate: error: {err}", file=sys.stderr)
         return 2
     n_runs = len(run_dirs)
     print(f"aggregated {n_runs} run(s) into {', '.join(str(p) for p in paths.values())}")
