@@ -71,6 +71,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-every", dest="probe_every", type=int, help="steps between probes (default 50)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="set a variant field, e.g. lam=0.5 (repeatable)")
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto", help="progress bar on a terminal, epoch lines otherwise")
+    p.add_argument(
+        "--gpu-slots", dest="gpu_slots", type=int, default=0, metavar="K",
+        help="runs per GPU: claim a free (GPU id, slot < K) pair before CUDA starts and hold it until exit "
+        "(ids: $MSR_GPU_IDS, default every visible GPU; locks: $MSR_GPU_LOCK_DIR). 0 = off (default); "
+        "ignored with --device cpu (see msr.gpu)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -82,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in ("command", "func"):
         opts.pop(key, None)
     progress = {"auto": None, "bar": True, "lines": False}[opts.pop("progress")]
+    gpu_slots = opts.pop("gpu_slots")
     try:
         values = _load_config_file(opts.pop("config")) if "config" in opts else {}
         out = opts.pop("out", None) or values.pop("out", None)
@@ -93,6 +100,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         values.update(opts)
         if overrides:
             values["overrides"] = overrides
+        if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
+            from msr.gpu import claim_for_run
+
+            claim_for_run(gpu_slots, str(values.get("device", "auto")))
         if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
             from msr.gpu import claim_for_run
 
