@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msr import data
-from msr.data import Dataset, DatasetError, DeviceLoader, normalize
+from msr.data import Dataset, DatasetError, DeviceLoader, cifar, fetch, normalize
 
 # --------------------------------------------------------------------------------------------
 # digits
@@ -131,6 +131,7 @@ def _forbid_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("network access attempted")
 
     monkeypatch.setattr(data, "download", boom)
+    monkeypatch.setattr(fetch, "fetch", boom)
     monkeypatch.setattr(tv_utils, "download_url", boom)
     monkeypatch.setattr(tv_utils, "_urlretrieve", boom)
 
@@ -180,6 +181,7 @@ def test_download_is_a_noop_when_extracted(tmp_path: Path, monkeypatch: pytest.M
 
     data.write_cifar_batches(tmp_path / "raw", kind="cifar100", n_train=5, n_test=3)
     monkeypatch.setattr(tv_utils, "download_url", pytest.fail)
+    monkeypatch.setattr(fetch, "fetch", pytest.fail)
     data.download("cifar100", tmp_path)
     data.download("digits", tmp_path)  # nothing to fetch
     data.download("synthetic", tmp_path)
@@ -274,7 +276,7 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path: Path) -> N
     with pytest.raises(DatasetError) as info:
         data.load_dataset("cifar100", tmp_path, download=False)
     msg = str(info.value)
-    assert data.CIFAR100_URL in msg and data.CIFAR100_MD5 in msg and "cifar-100-python" in msg
+    assert cifar.CIFAR100_URL in msg and cifar.CIFAR100_MD5 in msg and "cifar-100-python" in msg
 
 
 def _make_archive(tmp_path: Path, kind: str = "cifar10") -> tuple[Path, str]:
@@ -294,8 +296,8 @@ def test_checksum_mismatch_deletes_download_and_names_url_and_md5(
 ) -> None:
     archive, _ = _make_archive(tmp_path)
     url = archive.as_uri()
-    monkeypatch.setattr(data, "CIFAR10_URL", url)
-    monkeypatch.setattr(data, "CIFAR10_MD5", "0123456789abcdef0123456789abcdef")
+    monkeypatch.setattr(cifar, "CIFAR10_URL", url)
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", "0123456789abcdef0123456789abcdef")
     root = tmp_path / "root"
     with pytest.raises(DatasetError) as info:
         data.load_dataset("cifar10", root)
@@ -308,10 +310,10 @@ def test_checksum_mismatch_deletes_download_and_names_url_and_md5(
 
 def test_failed_download_names_url_and_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = (tmp_path / "nowhere" / "cifar-100-python.tar.gz").as_uri()
-    monkeypatch.setattr(data, "CIFAR100_URL", url)
+    monkeypatch.setattr(cifar, "CIFAR100_URL", url)
     with pytest.raises(DatasetError) as info:
         data.download("cifar100", tmp_path / "root")
-    assert url in str(info.value) and data.CIFAR100_MD5 in str(info.value)
+    assert url in str(info.value) and cifar.CIFAR100_MD5 in str(info.value)
     assert list((tmp_path / "root" / "raw").iterdir()) == []
 
 
@@ -319,8 +321,8 @@ def test_download_verifies_extracts_and_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive, md5 = _make_archive(tmp_path, kind="cifar100")
-    monkeypatch.setattr(data, "CIFAR100_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR100_MD5", md5)
+    monkeypatch.setattr(cifar, "CIFAR100_URL", archive.as_uri())
+    monkeypatch.setattr(cifar, "CIFAR100_MD5", md5)
     root = tmp_path / "root"
     ds = data.load_dataset("cifar100", root)
     assert ds.train_x.shape == (12, 3, 32, 32) and ds.test_x.shape == (5, 3, 32, 32)
@@ -333,8 +335,8 @@ def test_download_verifies_extracts_and_loads(
     assert torch.equal(again.train_x, ds.train_x)
 
 
-def test_http_download_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The http(s) path goes through torchvision's downloader; served from loopback here."""
+def test_http_download_over_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The http(s) path (msr.data.fetch, with timeouts and retries), served from loopback."""
     import functools
     import http.server
     import threading
@@ -350,11 +352,11 @@ def test_http_download_through_torchvision(tmp_path: Path, monkeypatch: pytest.M
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
-        monkeypatch.setattr(data, "CIFAR10_URL", url)
-        monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+        monkeypatch.setattr(cifar, "CIFAR10_URL", url)
+        monkeypatch.setattr(cifar, "CIFAR10_MD5", md5)
         ds = data.load_dataset("cifar10", tmp_path / "ok")
         assert ds.train_x.shape == (12, 3, 32, 32)
-        monkeypatch.setattr(data, "CIFAR10_MD5", "f" * 32)
+        monkeypatch.setattr(cifar, "CIFAR10_MD5", "f" * 32)
         with pytest.raises(DatasetError, match="f" * 32) as info:
             data.download("cifar10", tmp_path / "bad")
         assert url in str(info.value)
@@ -374,8 +376,9 @@ def test_verified_archive_is_not_fetched_twice(
     raw = tmp_path / "root" / "raw"
     raw.mkdir(parents=True)
     (raw / archive.name).write_bytes(archive.read_bytes())
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", md5)
     monkeypatch.setattr(tv_utils, "download_url", pytest.fail)
+    monkeypatch.setattr(fetch, "fetch", pytest.fail)
     data.download("cifar10", tmp_path / "root")
     assert (raw / "cifar-10-batches-py" / "test_batch").is_file()
 
@@ -389,8 +392,8 @@ def test_archive_without_expected_folder_is_an_error(
         info = tarfile.TarInfo("something-else/readme.txt")
         info.size = 5
         tar.addfile(info, io.BytesIO(b"hello"))
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(cifar, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     with pytest.raises(DatasetError, match="cifar-10-batches-py"):
         data.download("cifar10", tmp_path / "root")
     raw = tmp_path / "root" / "raw"
@@ -469,8 +472,8 @@ def test_cache_and_archive_files_follow_the_umask(
 ) -> None:
     """Shared data folders: written files get ordinary permissions, not mkstemp's 0600."""
     archive, md5 = _make_archive(tmp_path)
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    monkeypatch.setattr(cifar, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", md5)
     old = os.umask(0o022)
     try:
         cache = data.prepare("cifar10", tmp_path / "root")
