@@ -54,6 +54,7 @@ def test_run_directory_contract(msr_run):
     assert cfg["versions"]["torch"] == torch.__version__
     assert summary["status"] == "completed" and summary["diverged_at_step"] is None
     assert summary["final_test_acc"] == pytest.approx(float(metrics[-1]["test_acc"]))
+    assert summary["final_clean_train_acc"] == pytest.approx(float(metrics[-1]["clean_train_acc"]))
     assert summary["best_test_acc"] >= summary["final_test_acc"]
     assert summary["epochs_completed"] == 2 and summary["peak_memory_mb"] > 0
     assert not list(out.glob(".*tmp"))  # no temp files left behind
@@ -96,7 +97,7 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, msr_run):
     train(cfg, killed, log=quiet)
     straight = tmp_path / "straight"
     train(cfg, straight, log=quiet)
-    cols = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
+    cols = ["epoch", "step", "lr", "train_loss", "train_acc", "clean_train_loss", "clean_train_acc", "test_loss", "test_acc"]
     assert [[r[c] for c in cols] for r in read_csv(killed / "metrics.csv")] == [
         [r[c] for c in cols] for r in read_csv(straight / "metrics.csv")
     ]

@@ -119,6 +119,21 @@ def read_probes(path: Path) -> list[tuple]:
     return read_csv(path, PROBE_COLUMNS, PROBE_TYPES)
 
 
+def check_probe_rows(path: Path, rows: list[tuple]) -> None:
+    """Every probed step has the same (layer, metric) rows (``grad_norm`` only at some steps):
+    catches a probes.csv cut exactly at a line end, which no parser notices."""
+    by_step: dict[int, set] = {}
+    for step, layer, metric, _ in rows:
+        if metric != "grad_norm":
+            by_step.setdefault(step, set()).add((layer, metric))
+    if not by_step:
+        return
+    full = max(by_step.values(), key=len)
+    for step, seen in by_step.items():
+        if seen != full:
+            raise damaged(path, f"step {step} has {len(seen)} of the {len(full)} rows of a probe")
+
+
 def last_probe_step(path: Path) -> int | None:
     """The step of ``probes.csv``'s last row, checking only its header and its end: the full
     file of a long run is tens of MB, and the aggregation checks every run."""
@@ -185,6 +200,7 @@ def check_complete(out: Path, *, probes: str = "tail") -> dict[str, Any]:
             raise damaged(out / SUMMARY, f"{done} epoch(s) completed, but {CONFIG} asks for {config.get('epochs')}")
     if probes == "full":
         rows = read_probes(out / PROBES)
+        check_probe_rows(out / PROBES, rows)
         last = rows[-1][0] if rows else None
     else:
         last = last_probe_step(out / PROBES)
@@ -195,9 +211,10 @@ def check_complete(out: Path, *, probes: str = "tail") -> dict[str, Any]:
 
 
 def span(epochs: list[int]) -> str:
+    """``1..4`` for a contiguous list of epochs, else the list itself."""
     if not epochs:
         return "none"
-    if epochs == list(range(epochs[0], epochs[-1] + 1)):
+    if len(epochs) > 1 and epochs == list(range(epochs[0], epochs[-1] + 1)):
         return f"{epochs[0]}..{epochs[-1]}"
     return ", ".join(map(str, epochs))
 

@@ -54,6 +54,7 @@ from msr.rundir import (
     RunDirError,
     RunLock,
     check_complete,
+    check_probe_rows,
     damaged,
     read_json,
     read_metrics,
@@ -81,6 +82,7 @@ DATASET_DEFAULTS = {
     "cifar100": {"epochs": 200, "batch_size": 128},
     "digits": {"epochs": 10, "batch_size": 32},
     "synthetic": {"epochs": 10, "batch_size": 32},
+    "fashion_mnist": {"epochs": 30, "batch_size": 128},
 }
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -366,6 +368,7 @@ class Run:
                           f"{CHECKPOINT} at step {self.step}")
         self.metrics = metrics
         probes = read_probes(self.out / PROBES)
+        check_probe_rows(self.out / PROBES, probes)
         self.probes = [r for r in probes if r[0] <= self.step]
         # every epoch end is probed, so the probes up to the checkpoint end at its step
         if not self.probes or self.probes[-1][0] != self.step:
@@ -512,8 +515,9 @@ def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop
     run = Run(cfg, out, log=log)
     record = run.config_record()
     _check_existing(out, record, log)
+    resumed = run.try_resume()  # checks the files first: a refused directory is left as it was
     msr_io.write_json(out / CONFIG, record)
-    if run.try_resume():
+    if resumed:
         log(f"{out}: resuming after epoch {run.epoch} (step {run.step})")
     else:
         run.probe()
