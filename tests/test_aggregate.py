@@ -246,3 +246,55 @@ def test_manifest_lists_files_hashes_and_runs(runs_root, tmp_path):
     again = manifest.build_manifest([prov / "fig.json", prov / "tab.json"], runs_root=runs_root.relative_to(tmp_path),
                                     config_sha256="abc", cwd=tmp_path)
     assert json.dumps(m) == json.dumps(again)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-4])
+
+
+@pytest.mark.parametrize("name, damage, reason", [
+    ("metrics.csv", Path.unlink, "missing"),
+    ("probes.csv", Path.unlink, "missing"),
+    ("config.json", Path.unlink, "missing"),
+    ("metrics.csv", _truncate, "truncated"),
+    ("probes.csv", _truncate, "truncated"),
+    ("config.json", lambda p: p.write_text("{"), "not valid JSON"),
+    ("summary.json", lambda p: p.write_text('{"status": "completed", "final_test_acc": 0.9'), "not valid JSON"),
+])
+def test_a_damaged_listed_run_stops_aggregation_naming_run_and_file(runs_root, tmp_path, capsys, name, damage, reason):
+    run = runs_root / "digits/resnet20/bn/base/seed2"  # a diverged run: still never dropped
+    damage(run / name)
+    assert agg.main(["--runs", str(runs_root), "--out", str(tmp_path / "tables")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"msr aggregate: error: {run / name}: {reason}"), err
+    assert "digits/resnet20/bn/base/seed2" in err and "delete" in err
+    assert not (tmp_path / "tables" / "runs.csv").exists()
+
+
+def test_a_completed_run_whose_files_disagree_is_refused(runs_root):
+    run = runs_root / "digits/resnet20/msr/base/seed1"
+    metrics = pd.read_csv(run / "metrics.csv")
+    metrics.iloc[:-1].to_csv(run / "metrics.csv", index=False)  # the last epoch's row is gone
+    with pytest.raises(agg.RunDirError, match="holds epochs 1..2, but summary.json says 3"):
+        agg.load_runs([run], runs_root)
+
+
+def test_curves_and_probes_never_drop_a_run_silently(runs_root):
+    runs = agg.load_runs(agg.find_run_dirs(runs_root), runs_root)
+    run = Path(runs["run_dir"][0])
+    (run / "metrics.csv").unlink()
+    with pytest.raises(agg.RunDirError, match="metrics.csv: missing"):
+        agg.load_curves(runs)
+    (run / "probes.csv").unlink()
+    with pytest.raises(agg.RunDirError, match="probes.csv: missing"):
+        agg.load_probes([run])
+
+
+def test_clean_train_accuracy_and_its_gap_reach_the_tables(runs_root):
+    runs = agg.load_runs(agg.find_run_dirs(runs_root), runs_root)
+    summary = agg.summarize(runs)
+    msr = summary[(summary["variant"] == "msr") & (summary["tag"] == "base")].iloc[0]
+    assert msr["final_clean_train_acc_mean"] == pytest.approx(np.mean([0.97, 0.99, 1.01]))
+    assert msr["clean_train_test_gap_mean"] == pytest.approx(0.07)
+    curves = agg.load_curves(runs)
+    assert {"clean_train_loss", "clean_train_acc"} <= set(curves.columns)
