@@ -13,6 +13,9 @@ subclass plus its line below.
     scikit-learn's bundled handwritten digits, offline: the laptop demo.
 ``cifar10`` / ``cifar100`` (:mod:`msr.data.cifar`)
     The official python-format archives (download, md5, parse): the paper.
+``fashion_mnist`` (:mod:`msr.data.fashion_mnist`)
+    Zalando's 60k/10k grey 28x28 garments: raw/, then a local mirror (Debian's package), then
+    the official download; the decompressed content is verified.
 ``synthetic`` (:mod:`msr.data.synthetic`)
     Generated learnable images, for tests; :func:`write_cifar_batches` writes them in the
     CIFAR layout so the CIFAR path is tested offline.
@@ -24,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from msr.data import cache, cifar, digits, synthetic
+from msr.data import cache, cifar, digits, fashion_mnist, synthetic
 from msr.data.base import Dataset, DatasetError, DatasetSpec
 from msr.data.cifar import IMAGENET_MEAN, IMAGENET_STD, write_cifar_batches
 from msr.data.digits import DIGITS_IMAGE_SIZES, DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
@@ -57,6 +60,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
     "cifar10": cifar.CIFAR10,
     "cifar100": cifar.CIFAR100,
     "synthetic": synthetic.SPEC,
+    "fashion_mnist": fashion_mnist.SPEC,
 }
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
@@ -101,7 +105,8 @@ def load_dataset(
     The processed cache ``<root>/processed/...`` (see :func:`cache_path`) is used when present;
     otherwise it is built and written, so the raw data are parsed once.
 
-    ``image_size``: digits 8, 16 (default) or 32; CIFAR only 32; synthetic any (same as
+    ``image_size``: digits 8, 16 (default) or 32; CIFAR only 32; fashion_mnist only 28;
+    synthetic any (same as
     ``synthetic_kwargs["image_size"]``). ``mirror``: a local folder to copy raw files from
     (datasets that have one; ``None`` = the dataset's default). ``synthetic_kwargs``: keys of
     :data:`SYNTHETIC_DEFAULTS` (only for ``synthetic``). ``download`` is the older spelling of

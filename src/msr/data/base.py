@@ -126,10 +126,34 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def train_stats_pipeline(train_x: torch.Tensor, *, flip: bool, crop_padding: int) -> InputPipeline:
-    """Normalize with the training split's own statistics: the test split must not inform the
-    model."""
-    mean, std = channel_stats(train_x)
+def histogram_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`channel_stats` from each channel's 256-bin histogram: exact sums, O(256) memory.
+
+    For large sets: Fashion-MNIST's 47M training pixels take ~0.2 s here instead of 1-2.5 s and
+    ~750 MB of float64 copies. The results agree with :func:`channel_stats` to float64 rounding
+    (identical once cast to float32, as the loader does); the older datasets keep
+    :func:`channel_stats` so their recorded statistics stay bit-identical.
+    """
+    if len(images) == 0:
+        return channel_stats(images)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        var = (counts * (values - mean) ** 2).sum() / n
+        means.append(float(mean))
+        stds.append(max(float(var.sqrt()), 1e-3))  # a constant channel must not divide by 0
+    return tuple(means), tuple(stds)
+
+
+def train_stats_pipeline(
+    train_x: torch.Tensor, *, flip: bool, crop_padding: int, stats=channel_stats
+) -> InputPipeline:
+    """Normalize with the training split's own statistics (``stats(train_x)``): the test split
+    must not inform the model."""
+    mean, std = stats(train_x)
     return InputPipeline(mean=mean, std=std, flip=flip, crop_padding=crop_padding)
 
 

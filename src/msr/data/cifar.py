@@ -153,7 +153,9 @@ class Cifar(DatasetSpec):
                 actual = fetch.md5_file(archive)
                 if actual != src.md5:
                     raise fetch.preplaced_mismatch(
-                        archive, f"the official {self.name} archive", src.md5, actual
+                        archive,
+                        f"the official {self.name} archive",
+                        f"expected md5 {src.md5}, got {actual}",
                     )
             else:
                 partial = stage.temp(archive)
@@ -167,7 +169,9 @@ class Cifar(DatasetSpec):
                     ) from exc
                 actual = fetch.md5_file(partial)
                 if actual != src.md5:
-                    raise fetch.download_mismatch(src.url, src.archive, src.md5, actual)
+                    raise fetch.download_mismatch(
+                        src.url, src.archive, f"expected md5 {src.md5}, got {actual}"
+                    )
                 stage.commit()
             fetch.extract_tar(archive, raw, src.folder)
 

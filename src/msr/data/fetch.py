@@ -78,19 +78,22 @@ def md5_bytes(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def preplaced_mismatch(path: Path, what: str, expected: str, actual: str) -> DatasetError:
-    """The error for a file the user (or an earlier tool) put in place: left untouched."""
+def preplaced_mismatch(path: Path, what: str, detail: str) -> DatasetError:
+    """The error for a file the user (or an earlier run) put in place: it is left untouched.
+
+    ``detail`` says what was expected and found, e.g. ``"expected md5 X, got Y"``.
+    """
     return DatasetError(
-        f"your file {path} does not match {what} (expected md5 {expected}, got {actual}); "
-        f"delete it or replace it with a good copy"
+        f"your file {path} does not match {what} ({detail}); delete it or replace it with a "
+        f"good copy"
     )
 
 
-def download_mismatch(url: str, what: str, expected: str, actual: str) -> DatasetError:
-    """The error for a file we just fetched (already deleted by the caller's staging)."""
+def download_mismatch(url: str, what: str, detail: str) -> DatasetError:
+    """The error for a file we just fetched (deleted by the caller's staging)."""
     return DatasetError(
-        f"downloaded from {url}: {what} has md5 {actual}, expected {expected}; the download "
-        f"was deleted (a broken mirror or transfer - try again later)"
+        f"downloaded from {url}: {what} does not match ({detail}); the download was deleted "
+        f"(a broken mirror or transfer - try again later)"
     )
 
 
