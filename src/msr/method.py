@@ -5,6 +5,7 @@
 - ``cmrr_gradients_``      the authors' shipped variant, ``(1+m) G - m mean(G)``.
 - ``BlockInputNoise``      multiplicative noise per (sample, channel), identity in eval.
 - ``unity_decay``          ``kappa * sum_o (||W[o]|| - 1)^2``, the replacement for L2 decay.
+- ``adaptive_clip_gradients_``  AGC (Brock et al. 2021b), a peer's gradient clipping, any variant.
 
 No training loop lives here (see ``msr.train``); ``msr.variants`` wires these into variants.
 """
@@ -169,3 +170,33 @@ def unity_decay(weights: Iterable[torch.Tensor], kappa: float = 5e-4) -> torch.T
         raise ValueError("unity_decay needs at least one weight")
     total = sum(((w.flatten(1).norm(dim=1) - 1.0).square().sum() for w in weights), torch.zeros((), device=weights[0].device))
     return total * kappa
+
+
+# --------------------------------------------------------------------------- AGC
+def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
+    """Norm per output unit, shaped to broadcast against ``t``: over all dims but the first for
+    a conv/linear weight (per filter / row), over the whole tensor for a scalar or vector
+    (gains, biases, gates), as DeepMind's nfnets ``unitwise_norm``."""
+    if t.dim() <= 1:
+        return torch.linalg.vector_norm(t).reshape([1] * t.dim())
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+@torch.no_grad()
+def adaptive_clip_gradients_(params: Iterable[torch.Tensor], clipping: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping, unit-wise and in place (NFNets, Brock et al. 2021b).
+
+    For every unit i: if ``||G_i|| > clipping * max(||W_i||, eps)``, rescale ``G_i`` to exactly
+    that norm; other units are left bitwise untouched. ``eps`` = 1e-3 and the 1e-6 floor on
+    ``||G_i||`` are DeepMind's (nfnets/optim.py). Call after ``backward()`` (after unscaling)
+    and before ``optimizer.step()``, so weight decay and momentum see clipped gradients.
+    """
+    if clipping <= 0:
+        raise ValueError(f"AGC clipping factor must be > 0, got {clipping}")
+    for p in params:
+        if p.grad is None:
+            continue
+        max_norm = unitwise_norm(p.detach()).clamp_min(eps) * clipping
+        grad_norm = unitwise_norm(p.grad)
+        clipped = p.grad * (max_norm / grad_norm.clamp_min(1e-6))
+        p.grad.copy_(torch.where(grad_norm > max_norm, clipped, p.grad))

@@ -3,6 +3,11 @@
 ``build(name, ...)`` returns a ``Variant``: the model, initialized by the variant's scheme,
 plus the three hooks a training loop needs - ``param_groups()``, ``after_backward()`` and
 ``extra_loss()`` - so the loop itself knows nothing about the method.
+
+The peers (``wn``, ``fixup``, ``skipinit``, ``nf_ws`` and the control ``bn_preact``) keep the
+harness's data, schedule and final-epoch protocol; only their net, init and optimizer groups
+(lr, decay) are their own, each registry entry citing its source (details:
+research/peers.md).
 """
 
 from __future__ import annotations
@@ -18,14 +23,29 @@ from msr.method import (
     GRANULARITIES,
     NOISE_DISTS,
     BlockInputNoise,
+    adaptive_clip_gradients_,
     cmrr_gradients_,
     project_gradients_,
     unity_decay,
     zero_mean_init_,
 )
-from msr.models import CifarResNet, cifar_resnet
+from msr.models import (
+    BasicBlock,
+    FixupBlock,
+    FixupResNet,
+    PreActResNet,
+    ResNetBase,
+    apply_weight_norm_,
+    check_branches_can_start,
+    cifar_resnet,
+    kernel_parameter,
+)
 
-INITS = ("kaiming", "unit_xavier", "zmi")
+# "arpit", "fixup" and "nf" are the peers' own schemes, tied to their nets (see _initialize)
+INITS = ("kaiming", "unit_xavier", "zmi", "arpit", "fixup", "nf")
+# "post": He et al.'s post-activation block; "skipinit": the same with a zero-initialized
+# branch scalar; "fixup": Fixup's block; "preact": pre-activation (NF-ResNet when norm="none")
+BLOCKS = ("post", "skipinit", "fixup", "preact")
 GRAD_MODES = ("none", "project", "cmrr")
 SCOPES = ("all", "residual_only")
 NOISE_PLACEMENTS = ("block_input", "conv_output")
@@ -56,6 +76,14 @@ class VariantSpec:
     unity_kappa: float = 5e-4
     zmi_norm: float = 1.0
     gain_init: float = 0.8
+    block: str = "post"
+    weight_norm: bool = False  # every conv and the classifier as g v / ||v|| (the `wn` peer)
+    nf_alpha: float = 0.2  # NF-ResNet's per-block variance growth alpha (block="preact", norm="none")
+    # a third optimizer group "scalar" - the net's gates, gains, biases and WN g (everything but
+    # conv kernels, the classifier weight and log-gains) - at this lr; None: no such group
+    scalar_lr: float | None = None
+    scalar_decay: bool = True  # whether the "scalar" group gets the weight decay
+    agc: float = 0.0  # adaptive gradient clipping factor lambda (NFNets); 0 = off
 
     def __post_init__(self) -> None:
         def one_of(field: str, valid: tuple) -> None:
@@ -75,8 +103,10 @@ class VariantSpec:
         one_of("scope", SCOPES)
         one_of("noise_dist", NOISE_DISTS)
         one_of("noise_placement", NOISE_PLACEMENTS)
-        if not isinstance(self.affine, bool):
-            raise ValueError(f"variant {self.name!r}: affine must be true or false")
+        one_of("block", BLOCKS)
+        for flag in ("affine", "weight_norm", "scalar_decay"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"variant {self.name!r}: {flag} must be true or false")
         in_range("lam", 0.0, 1.0)
         in_range("cmrr_m", 0.0)
         in_range("noise_delta", 0.0, 1.0)
@@ -87,10 +117,36 @@ class VariantSpec:
         in_range("unity_kappa", 0.0)
         in_range("zmi_norm", 1e-12)
         in_range("gain_init", 1e-12)
+        in_range("nf_alpha", 1e-12)
+        in_range("agc", 0.0)
+        if self.scalar_lr is not None:
+            in_range("scalar_lr", 0.0)
+        self._check_peer_combination()
         if self.norm == "bn" and self.affine:
             raise ValueError(f"variant {self.name!r}: the affine gain scheme replaces BatchNorm; use affine=false with norm='bn'")
         if self.gain_noise > 0 and not (self.norm == "none" and self.affine):
             raise ValueError(f"variant {self.name!r}: gain_noise needs the per-filter gains of the affine scheme")
+
+    def _check_peer_combination(self) -> None:
+        """The peers' nets, inits and the method's options only combine where they are defined."""
+
+        def need(ok: bool, why: str) -> None:
+            if not ok:
+                raise ValueError(f"variant {self.name!r}: {why}")
+
+        post = self.block in ("post", "skipinit")
+        need(post or not self.affine, f"the affine gain scheme is for the post-activation net, not block={self.block!r}; set affine=false")
+        need(post or self.grad == "none", f"grad={self.grad!r} needs block 'post' or 'skipinit'")
+        need(post or self.noise_delta == 0, f"noise needs block 'post' or 'skipinit', not {self.block!r}")
+        need((self.block == "fixup") == (self.init == "fixup"), "init='fixup' goes with block='fixup' and only with it")
+        need(self.block != "fixup" or self.norm == "none", "Fixup is normalizer-free: use norm='none'")
+        nf = self.block == "preact" and self.norm == "none"
+        need(nf == (self.init == "nf"), "init='nf' goes with block='preact', norm='none' (NF-ResNet) and only with it")
+        need(self.block != "preact" or self.norm == "none" or self.init == "kaiming", "the BatchNorm pre-activation net uses init='kaiming'")
+        need(self.weight_norm == (self.init == "arpit"), "init='arpit' goes with weight_norm=true and only with it")
+        if self.weight_norm:
+            need(post and self.norm == "none" and not self.affine, "weight_norm needs block 'post'/'skipinit', norm='none', affine=false")
+            need(self.grad == "none", "weight_norm with a gradient projection is not defined (it would act on v)")
 
 
 _NF = dict(norm="none", affine=True, init="unit_xavier", lr=0.4, other_lr=0.1, weight_decay=0.0)
@@ -116,6 +172,47 @@ VARIANTS: dict[str, VariantSpec] = {
             "msr_cmrr", "msr with the authors' shipped cmrr(0.9) update, stem not projected", "fidelity",
             grad="cmrr", cmrr_m=0.9, scope="residual_only", **{**_NF, "init": "zmi"},
         ),
+        # the authors' code leaves the stem unprojected; METHOD.md "The stem and colour"
+        VariantSpec(
+            "msr_rs", "msr with the stem not projected (scope residual_only)", "stem",
+            grad="project", scope="residual_only", **{**_NF, "init": "zmi"},
+        ),
+        # --- peers (research/peers.md). Each keeps the harness's data, schedule and protocol.
+        # Salimans & Kingma 2016 reparametrization (torch weight_norm) with the batch-free ResNet
+        # init of Arpit et al. 2019 (victorcampos7/weightnorm-init@d57a84e): orthogonal v,
+        # g = sqrt(gain fan_in/fan_out); SGD lr 0.1; L2 1e-4 on v only, none on g and biases
+        # (peers.md 3.2; no warm-up: the harness's schedule)
+        VariantSpec(
+            "wn", "weight normalization (every conv + classifier), Arpit et al. init, no batch statistics", "6",
+            norm="none", affine=False, init="arpit", weight_norm=True, lr=0.1, other_lr=0.1,
+            weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.1, scalar_decay=False,
+        ),
+        # Fixup (Zhang et al. 2019) as hongyi-zhang/Fixup@f3fa449 cifar/: scalars (and fc.bias)
+        # at lr/10, weight decay 1e-4 on everything; mixup OFF here although the official
+        # trainer's default turns it on (--alpha 1.0): the harness has no mixup for any variant
+        VariantSpec(
+            "fixup", "Fixup: scalar biases + branch multipliers, L^-1/2 / zero init, scalars at lr/10; no mixup", "6",
+            norm="none", affine=False, init="fixup", block="fixup", lr=0.1, other_lr=0.1,
+            weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.01, scalar_decay=True,
+        ),
+        # SkipInit (De & Smith 2020): one scalar per branch, init 0; the rest as `plain`
+        # (Kaiming, biases, L2 1e-4 on all, lr 0.1); the gate trains with the biases and fc
+        VariantSpec(
+            "skipinit", "SkipInit: zero-initialized scalar per residual branch; otherwise plain", "6",
+            norm="none", affine=False, init="kaiming", block="skipinit", lr=0.1, other_lr=0.1,
+            weight_decay=1e-4, unity_kappa=0.0,
+        ),
+        # NF-ResNet with Scaled WS (Brock et al. 2021a; deepmind-research nfnets@d8df415):
+        # pre-activation, alpha 0.2, skip gain 0, SGD lr 0.1, wd 1e-4 on weights, none on gains
+        # and biases; no stochastic depth or dropout (regularization parity, peers.md 2)
+        VariantSpec(
+            "nf_ws", "normalizer-free pre-activation ResNet with Scaled Weight Standardization", "peer",
+            norm="none", affine=False, init="nf", block="preact", lr=0.1, other_lr=0.1,
+            weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.1, scalar_decay=False,
+        ),
+        # He et al. 2016b pre-activation with BatchNorm, the reference recipe: the control that
+        # keeps nf_ws's block form (peers.md 2, "Block form")
+        VariantSpec("bn_preact", "pre-activation ResNet with BatchNorm (control for nf_ws's block form)", "reference", block="preact", **_BN),
     ]
 }
 
@@ -137,8 +234,11 @@ def _unit_rows_(weight: torch.Tensor) -> None:
         weight /= weight.flatten(1).norm(dim=1).view(-1, *([1] * (weight.dim() - 1)))
 
 
-def _initialize(model: CifarResNet, spec: VariantSpec) -> None:
+def _initialize(model: ResNetBase, spec: VariantSpec) -> None:
     convs = model.convs()
+    if spec.init in _PEER_INITS:
+        _PEER_INITS[spec.init](model)
+        return
     if spec.init == "kaiming":
         # the reference CIFAR recipe: Kaiming-normal (fan-in, ReLU gain) for convs and the head
         for module in [*convs, model.fc]:
@@ -160,10 +260,66 @@ def _initialize(model: CifarResNet, spec: VariantSpec) -> None:
     nn.init.zeros_(model.fc.bias)
 
 
+def _init_arpit(model: ResNetBase) -> None:
+    """Arpit et al. 2019's batch-free init of a weight-normalized ResNet.
+
+    ``v`` orthogonal, ``g = sqrt(gain * fan_in / fan_out)`` per layer with gain 2 for the stem
+    and each branch's first conv (a ReLU follows) and ``1/N`` for each branch's last conv (N
+    blocks per stage), biases 0 (victorcampos7/weightnorm-init ``proposed_weight_norm_g_init``).
+    Their classifier is a plain default-initialized ``nn.Linear``; ours keeps that function, only
+    reparametrized (``g = ||v||``, as the wrapper left it). Their block has no post-add ReLU; ours
+    keeps the harness's (peers.md 3.2 [ADAPT]).
+    """
+    blocks = [b for b in model.blocks if isinstance(b, BasicBlock)]
+    per_stage = len(blocks) // 3
+    gains = {model.stem: 2.0}
+    for b in blocks:
+        gains[b.conv1] = 2.0
+        gains[b.conv2] = 1.0 / per_stage
+    with torch.no_grad():
+        for conv in model.convs():
+            g, v = conv.parametrizations.weight.original0, conv.parametrizations.weight.original1
+            nn.init.orthogonal_(v)
+            out_ch, in_ch, kh, kw = v.shape
+            fan_in, fan_out = in_ch * kh * kw, out_ch * kh * kw
+            g.fill_(math.sqrt(gains[conv] * fan_in / fan_out))
+            nn.init.zeros_(conv.bias)
+
+
+def _init_fixup(model: FixupResNet) -> None:
+    """Fixup's rule, as the official CIFAR code: each branch's first conv ~ N(0, sqrt(2 / (C_out k k))
+    * L^-1/2) (L residual blocks), its last conv 0, classifier weight and bias 0; multipliers 1 and
+    scalar biases 0 (set at construction); the stem keeps PyTorch's default init."""
+    scale = model.num_residual_blocks**-0.5
+    with torch.no_grad():
+        for b in model.blocks:
+            assert isinstance(b, FixupBlock)
+            out_ch, _, kh, kw = b.conv1.weight.shape
+            b.conv1.weight.normal_(0.0, math.sqrt(2.0 / (out_ch * kh * kw)) * scale)
+            b.conv2.weight.zero_()
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+
+
+def _init_nf(model: PreActResNet) -> None:
+    """NF-ResNet init: raw conv weights Kaiming-normal (fan-in, linear; Scaled WS makes the
+    scale irrelevant), WS gains 1 and skip gains 0 (set at construction), conv biases 0;
+    classifier ~ N(0, 0.01), bias 0 (DeepMind's nf_resnet.py / timm)."""
+    with torch.no_grad():
+        for conv in model.convs():
+            nn.init.kaiming_normal_(kernel_parameter(conv), mode="fan_in", nonlinearity="linear")
+            nn.init.zeros_(conv.bias)
+        model.fc.weight.normal_(0.0, 0.01)
+        model.fc.bias.zero_()
+
+
+_PEER_INITS = {"arpit": _init_arpit, "fixup": _init_fixup, "nf": _init_nf}
+
+
 class Variant:
     """A built variant: ``model`` plus the hooks that make it this variant during training."""
 
-    def __init__(self, spec: VariantSpec, model: CifarResNet):
+    def __init__(self, spec: VariantSpec, model: ResNetBase):
         self.spec = spec
         self.model = model
         spatial = lambda convs: [c.weight for c in convs if c.kernel_size != (1, 1)]  # noqa: E731
@@ -177,34 +333,57 @@ class Variant:
             self.unity_decayed = [c.weight for c in model.residual_convs()] + [model.fc.weight]
         else:
             self.unity_decayed = []
+        # AGC clips every parameter but the classifier's weight (the NFNet config's choice)
+        fc_kernel = kernel_parameter(model.fc)
+        self.agc_clipped = [p for p in model.parameters() if p is not fc_kernel] if spec.agc > 0 else []
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def param_groups(self, lr: float | None = None) -> list[dict]:
-        """Groups for ``torch.optim.SGD``: ``conv`` (conv weights, gains) and ``other`` (the rest).
+        """Groups for ``torch.optim.SGD``: ``conv`` (conv kernels, log-gains), ``other`` (the rest)
+        and, for the peers with a ``scalar_lr``, ``scalar`` (gates, gains, biases, WN's g).
 
-        ``lr`` replaces the variant's base (conv) learning rate; the other group keeps its
-        ratio to it.
+        ``lr`` replaces the variant's base (conv) learning rate, the first group's, which the
+        trainer reports; the other groups keep their ratio to it.
         """
-        scale = 1.0 if lr is None else lr / self.spec.lr if self.spec.lr > 0 else 0.0
-        conv_ids = {id(c.weight) for c in self.model.convs()}
-        conv, other = [], []
+        spec = self.spec
+        scale = 1.0 if lr is None else lr / spec.lr if spec.lr > 0 else 0.0
+        kernel_ids = {id(kernel_parameter(c)) for c in self.model.convs()}
+        fc_kernel = kernel_parameter(self.model.fc)
+        conv, other, scalar = [], [], []
         for pname, p in self.model.named_parameters():
-            (conv if id(p) in conv_ids or pname.endswith("log_gain") else other).append(p)
-        wd = self.spec.weight_decay
-        return [
-            {"name": "conv", "params": conv, "lr": self.spec.lr * scale, "weight_decay": wd},
-            {"name": "other", "params": other, "lr": self.spec.other_lr * scale, "weight_decay": wd},
+            if id(p) in kernel_ids or pname.endswith("log_gain"):
+                conv.append(p)
+            elif spec.scalar_lr is not None and p is not fc_kernel:
+                scalar.append(p)
+            else:
+                other.append(p)
+        wd = spec.weight_decay
+        groups = [
+            {"name": "conv", "params": conv, "lr": spec.lr * scale, "weight_decay": wd},
+            {"name": "other", "params": other, "lr": spec.other_lr * scale, "weight_decay": wd},
         ]
+        if spec.scalar_lr is not None:
+            groups.append({
+                "name": "scalar", "params": scalar, "lr": spec.scalar_lr * scale,
+                "weight_decay": wd if spec.scalar_decay else 0.0,
+            })
+        return groups
 
     def after_backward(self) -> None:
-        """The variant's gradient modification, in place (no-op for variants without one)."""
+        """The variant's gradient modification, in place (no-op for variants without one).
+
+        The projection runs first, then AGC: clipping rescales whole units, so a projected
+        (zero-mean) gradient stays on the isocline, and the clip bounds the step taken.
+        """
         if self.spec.grad == "project":
             project_gradients_(self.projected, granularity=self.spec.granularity, lam=self.spec.lam)
         elif self.spec.grad == "cmrr":
             cmrr_gradients_(self.projected, m=self.spec.cmrr_m, granularity=self.spec.granularity)
+        if self.agc_clipped:
+            adaptive_clip_gradients_(self.agc_clipped, self.spec.agc)
 
     def extra_loss(self) -> torch.Tensor:
         """Unity decay for the normalizer-free variants, else a zero scalar."""
@@ -219,18 +398,28 @@ def build(name: str, *, depth: int = 20, num_classes: int = 10, in_channels: int
     noise = None
     if spec.noise_delta > 0:
         noise = lambda: BlockInputNoise(spec.noise_delta, spec.noise_dist)  # noqa: E731
-    model = cifar_resnet(
-        depth,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        norm=spec.norm,
-        block_gains=spec.norm == "none" and spec.affine,
-        block_bias=spec.norm == "none" and not spec.affine,
-        stem_bias=spec.norm == "none",
-        gain_init=spec.gain_init,
-        gain_noise=spec.gain_noise,
-        input_noise=noise if spec.noise_placement == "block_input" else None,
-        conv_noise=noise if spec.noise_placement == "conv_output" else None,
-    )
+    model: ResNetBase
+    if spec.block == "fixup":
+        model = FixupResNet(depth, num_classes=num_classes, in_channels=in_channels)
+    elif spec.block == "preact":
+        model = PreActResNet(depth, num_classes=num_classes, in_channels=in_channels, norm=spec.norm, alpha=spec.nf_alpha)
+    else:
+        model = cifar_resnet(
+            depth,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            norm=spec.norm,
+            block_gains=spec.norm == "none" and spec.affine,
+            block_bias=spec.norm == "none" and not spec.affine,
+            stem_bias=spec.norm == "none",
+            gain_init=spec.gain_init,
+            gain_noise=spec.gain_noise,
+            input_noise=noise if spec.noise_placement == "block_input" else None,
+            conv_noise=noise if spec.noise_placement == "conv_output" else None,
+            gates=spec.block == "skipinit",
+        )
+        if spec.weight_norm:
+            apply_weight_norm_(model)
     _initialize(model, spec)
+    check_branches_can_start(model)
     return Variant(spec, model)
