@@ -196,7 +196,8 @@ def cmd_variants(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- forwarded commands
 FORWARDED = {
     "aggregate": ("msr.aggregate", "collect run directories into tidy tables"),
-    "manifest": ("msr.manifest", "write figures/MANIFEST.json"),
+    "manifest": ("msr.manifest", "write figures/<set>/MANIFEST.json"),
+    "verify": ("msr.verify", "check a figure set against its MANIFEST.json (hashes, runs, config)"),
     "bench": ("msr.bench", "benchmark a training step against a conventional DataLoader loop"),
 }
 

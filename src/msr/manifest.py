@@ -1,10 +1,15 @@
-"""``figures/MANIFEST.json``: what every figure and table is, and what it was made from.
+"""``figures/<set>/MANIFEST.json``: what every figure and table is, and what it was made from.
 
 For each item (one notebook's outputs): the sha256 of every file, the runs it was made from
-(from the provenance record the notebook wrote) and the hash of each of those runs'
-``config.json``; for the whole manifest: the git commit of the code (and whether the working
-tree had uncommitted changes) and the hash of the pipeline config. No timestamps, so a rerun
-on the same inputs gives the same bytes.
+(from the provenance record the notebook wrote) and the tables it read; for the whole set: the
+git commit of the code (and whether the working tree had uncommitted changes), the hash of the
+pipeline config (and, given ``--config-record``, the resolved config itself), every run's
+directory and the sha256 of its ``config.json``, ``summary.json`` and ``metrics.csv`` (not
+``probes.csv``: tens of MB a run on CIFAR), the sha256 of every source table, and ``set_dir``,
+the manifest's own folder below the project root. Paths are relative to the project root.
+No timestamps, so a rerun on the same inputs gives the same bytes.
+
+``msr verify`` (msr.verify) checks a set against it.
 """
 
 from __future__ import annotations
@@ -12,14 +17,33 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from msr import io as msr_io
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+MANIFEST_VERSION = 2
+# the run files whose hashes the manifest records (msr.rundir's names)
+RUN_FILES = ("config.json", "summary.json", "metrics.csv")
+
+
+def load_config_file(path: str | Path):
+    """A config file: JSON by suffix (PyYAML would read JSON's ``1e-05`` as a string), else YAML."""
+    text = Path(path).read_text()
+    return json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+
+
+def config_digest(config: dict) -> str:
+    """The hash of a resolved pipeline config: sha256 of its canonical JSON (sorted keys, no
+    spaces), as the workflow computes ``config_sha256``."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -49,11 +73,19 @@ def git_state(cwd: str | Path = ".") -> dict:
 
 def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | None = None,
                    run_dirs: dict[str, str] | None = None, config_sha256: str | None = None,
-                   cwd: str | Path = ".") -> dict:
+                   cwd: str | Path = ".", out: str | Path | None = None,
+                   config: dict | None = None) -> dict:
     """The manifest as a dict. ``run_dirs`` maps run ids to their directories (from
-    ``runs.csv``); else they are looked up below ``runs_root``."""
+    ``runs.csv``); else they are looked up below ``runs_root``. ``out``: where the manifest
+    will be written (recorded as ``set_dir``); ``config``: the resolved pipeline config."""
+    if config is not None:
+        digest = config_digest(config)
+        if config_sha256 is not None and config_sha256 != digest:
+            raise ValueError(f"the config record hashes to {digest}, not to the given config sha256 {config_sha256}")
+        config_sha256 = digest
     items = []
     used: set[str] = set()
+    sources: set[str] = set()
     for path in sorted(Path(p) for p in provenance):
         record = json.loads(path.read_text())
         files = []
@@ -62,6 +94,7 @@ def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | Non
         kind = "figure" if any(f["path"].endswith(FIGURE_SUFFIXES) for f in files) else "table"
         runs = sorted(record.get("runs", []))
         used.update(runs)
+        sources.update(record.get("sources", []))
         items.append({
             "name": record["name"],
             "kind": kind,
@@ -71,21 +104,42 @@ def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | Non
             "n_runs": len(runs),
             "runs": runs,
         })
-    run_configs = {}
+    run_configs, run_locations, run_hashes = {}, {}, {}
     for rid in sorted(used):
         rdir = Path(run_dirs[rid]) if run_dirs and rid in run_dirs else Path(runs_root or ".") / rid
-        cfg = Path(cwd) / rdir / "config.json"
-        run_configs[rid] = sha256_file(cfg) if cfg.exists() else None
+        run_locations[rid] = rdir.as_posix()
+        run_hashes[rid] = {name: sha256_file(Path(cwd) / rdir / name) if (Path(cwd) / rdir / name).exists() else None
+                           for name in RUN_FILES}
+        run_configs[rid] = run_hashes[rid]["config.json"]
     git = git_state(cwd)
-    return {
+    manifest = {
         "description": "Figures and tables of the msr pipeline: files with sha256, the runs each "
-                       "was made from, and the code/config that made them.",
+                       "was made from, and the code/config that made them. Check with "
+                       "`msr verify <this folder>`.",
+        "manifest_version": MANIFEST_VERSION,
+        "set_dir": _relative(out, cwd).parent.as_posix() if out is not None else None,
+        "name": (config or {}).get("name"),
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
         "config_sha256": config_sha256,
         "items": items,
         "run_config_sha256": run_configs,
+        "run_dirs": run_locations,
+        "run_sha256": run_hashes,
+        "source_sha256": {src: sha256_file(Path(cwd) / src) if (Path(cwd) / src).exists() else None
+                          for src in sorted(sources)},
     }
+    if config is not None:
+        manifest["config"] = config
+    return manifest
+
+
+def _relative(path: str | Path, cwd: str | Path) -> Path:
+    """``path`` relative to ``cwd`` (the project root), as the manifest's paths are."""
+    path, cwd = Path(path), Path(cwd)
+    if not path.is_absolute():
+        return path
+    return Path(os.path.relpath(path, cwd.resolve()))
 
 
 def write_manifest(manifest: dict, out: str | Path) -> None:
@@ -103,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("results/runs"),
                         help="runs root, used when --runs-table is not given [results/runs]")
     parser.add_argument("--config-sha256", default=None, help="hash of the pipeline config")
+    parser.add_argument("--config-record", type=Path, default=None,
+                        help="the resolved pipeline config (JSON/YAML mapping), recorded so that "
+                             "`msr verify --config` can compare a config file with it; its hash "
+                             "must equal --config-sha256 if both are given")
     parser.add_argument("--out", type=Path, default=Path("figures/MANIFEST.json"))
     args = parser.parse_args(argv)
     run_dirs = None
@@ -112,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         with args.runs_table.open() as f:
             run_dirs = {row["run_id"]: row["run_dir"] for row in csv.DictReader(f)}
     try:
-        manifest = build_manifest(args.provenance, args.runs, run_dirs, args.config_sha256)
-    except (OSError, KeyError, json.JSONDecodeError) as err:
+        config = None
+        if args.config_record is not None:
+            config = load_config_file(args.config_record)
+            if not isinstance(config, dict):
+                raise ValueError(f"{args.config_record}: expected a mapping of config keys")
+        manifest = build_manifest(args.provenance, args.runs, run_dirs, args.config_sha256,
+                                  out=args.out, config=config)
+    except (OSError, KeyError, ValueError, yaml.YAMLError) as err:
         print(f"msr manifest: error: {err}", file=sys.stderr)
         return 2
     write_manifest(manifest, args.out)
