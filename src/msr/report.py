@@ -97,9 +97,15 @@ def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "",
 # The registry's order (msr.variants.VARIANTS when this was written; a test checks it is still
 # a prefix of it) - fixed colours per variant across every figure. Kept here so the notebooks
 # need not import torch; variants added later sort after these, by name.
-VARIANT_ORDER = ("bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr")
+VARIANT_ORDER = ("bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr",
+                 "msr_rs", "wn", "fixup", "skipinit", "nf_ws", "bn_preact")
+# Families share a hue: BatchNorm references blue (bn_preact navy), MSR reds (msr_rs dark red),
+# the gradient/standardization peers greens (gc, nf_ws moss green), and claim 6's batch-free
+# peers teals (wn cyan, fixup dark teal, skipinit sea green) - every colour distinct and dark
+# enough for a line on white.
 _PALETTE = ("#1f77b4", "#aec7e8", "#7f7f7f", "#bcbd22", "#ff7f0e", "#9467bd", "#d62728",
-            "#e377c2", "#2ca02c", "#8c564b")
+            "#e377c2", "#2ca02c", "#8c564b",
+            "#8b0000", "#17becf", "#005f66", "#2a9d8f", "#5a8f29", "#08306b")
 
 
 _EXTRA_PALETTE = ("#17becf", "#9edae5", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
