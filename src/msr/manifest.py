@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.config_record}: expected a mapping of config keys")
         manifest = build_manifest(args.provenance, args.runs, run_dirs, args.config_sha256,
                                   out=args.out, config=config)
+        write_manifest(manifest, args.out)  # a full disk: msr.io.NoSpaceError, one line
     except (OSError, KeyError, ValueError, yaml.YAMLError) as err:
         print(f"msr manifest: error: {err}", file=sys.stderr)
         return 2
-    write_manifest(manifest, args.out)
     print(f"wrote {args.out} ({len(manifest['items'])} items)")
     return 0
 

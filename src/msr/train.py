@@ -63,15 +63,15 @@ from msr.rundir import (
 )
 from msr.variants import VARIANTS, Variant, build, get_spec
 
-__all__ = ["METRIC_COLUMNS", "PROBE_COLUMNS", "ConfigError", "RunConfig", "RunDirError", "train"]
 # Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
 # the first min(N, 1000) training images in their stored order - eval mode, no augmentation,
 # the test set's code path - because train_acc is a running average over augmented (and, for
 # the noise variants, noisy) batches while the weights move, so it cannot be compared with test
 # accuracy. The stored order is fixed and not sorted by class (digits: the stratified split in
-# the original order; CIFAR / Fashion-MNIST: the official order), so the prefix is a fixed,
-# roughly class-balanced sample; 1000 images give a standard error of at most 1.6 points for
-# one extra eval pass of <= 1000 images an epoch. It contains the probe batch (the first
+# the original order; CIFAR / Fashion-MNIST: the official, shuffled order), so the prefix is a
+# fixed, roughly class-balanced sample (97-104 images a class on digits, 86-115 on
+# Fashion-MNIST); 1000 images give a standard error of at most 1.6 points for one extra eval
+# pass of <= 1000 images an epoch. It contains the probe batch (the first
 # probe_batch images); both are read-only measurements, so the overlap changes nothing.
 CLEAN_TRAIN_IMAGES = 1000
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
