@@ -275,7 +275,9 @@ def _fetch_once(url: str, dest: Path, timeout: float) -> None:
             file=sys.stderr,
         ) as bar:
             received = 0
-            while chunk := response.read(_CHUNK):
+            # read1: whatever has arrived (up to a chunk), so the file grows as data come in
+            read = getattr(response, "read1", response.read)
+            while chunk := read(_CHUNK):
                 out.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
@@ -313,7 +315,8 @@ def fetch(
                 return
             except Exception as exc:
                 dest.unlink(missing_ok=True)
-                kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+                reason = getattr(exc, "reason", exc)  # URLError wraps the socket's error
+                kind = "timed out" if isinstance(reason, TimeoutError) else type(exc).__name__
                 errors.append(f"try {attempt}: {kind}: {exc}")
                 if attempt == tries or not _transient(exc):
                     break
