@@ -388,3 +388,16 @@ def test_cpu_bf16_autocast_keeps_zmg_on_fp32_gradients(root, tmp_path, monkeypat
     convs = [v for v in state.values() if v.dim() == 4]
     assert len(convs) == 7 and all(v.dtype == torch.float32 for v in convs)
     assert max(slice_means(v).abs().max().item() for v in convs) < 1e-5
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.json", '{"epochs": 2,', r"bad.json: not valid JSON \(Expecting property name enclosed in double quotes at line 1\)"),
+    ("bad.yaml", "epochs: [2\nseed: 0\n", r"bad.yaml: not valid YAML \(line 2\)"),
+])
+def test_a_corrupt_config_file_is_named(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    assert msr_main(["train", "--config", str(path), "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "never").exists()

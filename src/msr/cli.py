@@ -25,7 +25,13 @@ def _load_config_file(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     text = p.read_text()
-    values = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    try:
+        values = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:  # the parsers' own texts name no file
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ValueError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
