@@ -100,10 +100,17 @@ def _check_runs(manifest: dict, root: Path, runs_root: Path | None, report: Repo
     hashes = manifest.get("run_sha256") or {rid: {"config.json": d}
                                             for rid, d in (manifest.get("run_config_sha256") or {}).items()}
 
+    # older manifests record no run directories: the pipeline's runs roots, newest layout first
+    name = manifest.get("name")
+    defaults = [root / "results" / name / "runs"] if name else []
+    defaults.append(root / "results" / "runs")
+
     def where(rid: str) -> Path:
         if runs_root is not None:
             return runs_root / rid
-        return root / locations[rid] if rid in locations else root / rid
+        if rid in locations:
+            return root / locations[rid]
+        return next((d / rid for d in defaults if (d / rid).is_dir()), defaults[-1] / rid)
 
     found = [rid for rid in run_ids if where(rid).is_dir()]
     if not found and runs_root is None:
