@@ -166,6 +166,9 @@ def test_client_errors_are_not_retried(tmp_path: Path, server) -> None:
     with pytest.raises(fetch.DownloadFailed, match="1 of 3 tries.*404"):
         fetch.fetch(f"{base}/missing/a.bin", tmp_path / "a.bin")
     assert handler.hits == {"/missing/a.bin": 1}
+    # a local file:// source that is not there will not appear by waiting either
+    with pytest.raises(fetch.DownloadFailed, match="1 of 3 tries"):
+        fetch.fetch((tmp_path / "nowhere.bin").as_uri(), tmp_path / "b.bin", backoff=60)
 
 
 # --------------------------------------------------------------------------------------------

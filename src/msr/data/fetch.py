@@ -246,9 +246,11 @@ class _ShortRead(OSError):
     """The server closed the connection before sending Content-Length bytes."""
 
 
-def _transient(exc: BaseException) -> bool:
+def _transient(url: str, exc: BaseException) -> bool:
     """Worth another try: timeouts, dropped connections, server-side (5xx) or rate-limit errors.
-    Not: client errors (404, 403), bad URLs, missing local files."""
+    Not: client errors (404, 403), bad URLs, anything about a local ``file://`` path."""
+    if urllib.parse.urlparse(url).scheme == "file":
+        return False
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500 or exc.code in (408, 429)
     if isinstance(exc, urllib.error.URLError):
@@ -318,7 +320,7 @@ def fetch(
                 reason = getattr(exc, "reason", exc)  # URLError wraps the socket's error
                 kind = "timed out" if isinstance(reason, TimeoutError) else type(exc).__name__
                 errors.append(f"try {attempt}: {kind}: {exc}")
-                if attempt == tries or not _transient(exc):
+                if attempt == tries or not _transient(url, exc):
                     break
                 time.sleep(backoff * 2 ** (attempt - 1))
     except BaseException:
