@@ -9,7 +9,7 @@ listing) the same way for every dataset.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,11 @@ def histogram_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[floa
 
 
 def train_stats_pipeline(
-    train_x: torch.Tensor, *, flip: bool, crop_padding: int, stats=channel_stats
+    train_x: torch.Tensor,
+    *,
+    flip: bool,
+    crop_padding: int,
+    stats: Callable[[torch.Tensor], tuple[tuple[float, ...], tuple[float, ...]]] = channel_stats,
 ) -> InputPipeline:
     """Normalize with the training split's own statistics (``stats(train_x)``): the test split
     must not inform the model."""
