@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             from msr.gpu import claim_for_run
 
             claim_for_run(gpu_slots, str(values.get("device", "auto")))
-        if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
-            from msr.gpu import claim_for_run
-
-            claim_for_run(gpu_slots, str(values.get("device", "auto")))
         cfg = msr_train.RunConfig.from_dict(values)
         summary = msr_train.train(cfg, out, progress=progress)
     except (msr_train.ConfigError, msr_train.RunDirError, DatasetError, OSError, ValueError, yaml.YAMLError) as e:
@@ -205,11 +202,18 @@ FORWARDED = {
     "manifest": ("msr.manifest", "write figures/<set>/MANIFEST.json"),
     "verify": ("msr.verify", "check a figure set against its MANIFEST.json (hashes, runs, config)"),
     "bench": ("msr.bench", "benchmark a training step against a conventional DataLoader loop"),
+    "prefork": ("msr.prefork", "run a command (snakemake) whose `msr train` jobs skip torch's import"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"] and os.environ.get("MSR_PREFORK_SOCKET"):
+        from msr.prefork import delegate  # before anything imports torch: that is the point
+
+        code = delegate(argv)
+        if code is not None:
+            return code
     if argv and argv[0] in FORWARDED:
         import importlib
 
