@@ -9,13 +9,14 @@ from msr.models import GainConv2d
 from msr.variants import OVERRIDABLE, VARIANTS, build
 
 REQUIRED = ["bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr"]
+PEERS = ["msr_rs", "wn", "fixup", "skipinit", "nf_ws", "bn_preact"]  # details: test_peers.py
 
 
 def test_registry_has_every_ablation():
-    assert set(REQUIRED) <= set(VARIANTS)
+    assert set(REQUIRED + PEERS) <= set(VARIANTS)
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", REQUIRED + PEERS)
 def test_every_variant_builds_and_trains_one_step(name):
     torch.manual_seed(0)
     v = build(name, depth=8, num_classes=5, in_channels=1)
@@ -30,6 +31,8 @@ def test_every_variant_builds_and_trains_one_step(name):
     assert any(not torch.equal(b, p) for b, p in zip(before, v.model.parameters(), strict=True))
     groups = v.param_groups()
     assert sum(len(g["params"]) for g in groups) == len(list(v.model.parameters()))
+    assert len({id(p) for g in groups for p in g["params"]}) == len(list(v.model.parameters()))
+    assert groups[0]["name"] == "conv" and groups[0]["lr"] == v.spec.lr  # the lr a run reports
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -149,6 +152,27 @@ def test_invariant7_norm_free_eval_is_per_sample(name):
     model = build(name, depth=8).model.eval()
     x = torch.randn(6, 3, 16, 16)
     alone = torch.cat([model(x[i : i + 1]) for i in range(6)])
+    other_batch = model(torch.cat([x[:3], torch.randn(5, 3, 16, 16) * 5]))[:3]
+    torch.testing.assert_close(model(x), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other_batch, alone[:3], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_invariant7_peers_eval_is_per_sample_after_training(name):
+    """As above, after two SGD steps: Fixup's classifier and last convs start at zero, so at init
+    its outputs would be trivially batch-independent."""
+    torch.manual_seed(0)
+    v = build(name, depth=8)
+    opt = torch.optim.SGD(v.param_groups(), momentum=0.9)
+    x = torch.randn(6, 3, 16, 16)
+    for _ in range(2):
+        opt.zero_grad()
+        (F.cross_entropy(v.model(x), torch.arange(6)) + v.extra_loss()).backward()
+        v.after_backward()
+        opt.step()
+    model = v.model.eval()
+    alone = torch.cat([model(x[i : i + 1]) for i in range(6)])
+    assert alone.abs().max() > 0 and alone.std(dim=0).max() > 0
     other_batch = model(torch.cat([x[:3], torch.randn(5, 3, 16, 16) * 5]))[:3]
     torch.testing.assert_close(model(x), alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(other_batch, alone[:3], atol=1e-5, rtol=1e-5)

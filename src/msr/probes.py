@@ -44,7 +44,8 @@ def weight_stats(model: CifarResNet) -> list[tuple[str, str, torch.Tensor]]:
         norms = w.flatten(1).norm(dim=1)
         rows.append((name, "filter_norm", norms.mean()))
         if conv.kernel_size != (1, 1):
-            rms_w = w.square().mean().sqrt()
+            # a zero kernel (Fixup's zero-initialized last convs) has zero slice means: 0, not 0/0
+            rms_w = w.square().mean().sqrt().clamp_min(torch.finfo(w.dtype).tiny)
             rows.append((name, "slice_mean_rms", slice_means(w).square().mean().sqrt() / rms_w))
         if isinstance(conv, GainConv2d):
             gain = conv.gain.float()
