@@ -80,7 +80,7 @@ def test_rate_difference_newcombe_published_example():
 def test_difference_supported_and_contradicted():
     hi, lo = Group("msr_noise", (0.97, 0.975, 0.972)), Group("bn", (0.95, 0.951, 0.949))
     j = claims.judge_difference("5", hi, lo, "above")
-    assert j.verdict == SUPPORTED and j.low > 0 and "above 0" in j.reason
+    assert j.verdict == SUPPORTED and j.low > 0 and j.reason == "CI above 0: msr_noise higher than bn"
     assert j.row()["effect"] == pytest.approx(100 * (sum(hi.values) / 3 - sum(lo.values) / 3))
     assert claims.judge_difference("5", lo, hi, "above").verdict == CONTRADICTED
     assert claims.judge_difference("6", lo, hi, "below").verdict == SUPPORTED
@@ -89,7 +89,7 @@ def test_difference_supported_and_contradicted():
 def test_identical_groups_are_inconclusive():
     a = Group("msr", (0.9, 0.92, 0.94))
     j = claims.judge_difference("4", a, Group("msr_noise", a.values), "above")
-    assert j.verdict == INCONCLUSIVE and j.effect == 0 and "spans 0" in j.reason
+    assert j.verdict == INCONCLUSIVE and j.effect == 0 and j.reason == "CI spans 0"
     constant = claims.judge_difference("4", Group("a", (0.5, 0.5)), Group("b", (0.5, 0.5)), "above")
     assert constant.verdict == INCONCLUSIVE and "no difference" in constant.reason
 
@@ -106,6 +106,7 @@ def test_one_completed_seed_is_inconclusive_and_says_why():
     assert math.isnan(j.effect)
     row = j.row()
     assert (row["n_a"], row["completed_a"], row["diverged_a"]) == (3, 1, 2)
+    assert row["seeds"] == "3 (2 div.) / 2"
 
 
 def test_all_diverged_is_inconclusive_and_says_why():
@@ -185,7 +186,8 @@ def test_claim2_supported_when_msr_is_stable_at_least_as_high():
     plain = sweep((0.1, GOOD), (0.4, BAD), (1.6, BAD))
     j = claims.judge_stability(msr, bn, plain, CHANCE)
     assert j.verdict == SUPPORTED
-    assert j.detail == "highest stable lr: msr 0.4, bn 0.4, plain 0.1"
+    assert j.detail == "msr 0.4, bn 0.4, plain 0.1 (of lr 0.1, 0.4, 1.6)"
+    assert j.seeds_text() == "6 (2 div.) / 6 / 6 (4 div.)"
 
 
 def test_claim2_contradicted_when_the_ordering_is_reversed():
@@ -214,7 +216,7 @@ def test_claim2_inconclusive_branches():
 def test_identity_judgement():
     assert claims.judge_identity(0.0, 5.0).verdict == SUPPORTED
     j = claims.judge_identity(0.3, 5.0, control=2.0)
-    assert j.verdict == CONTRADICTED and "bn control 2" in j.reason
+    assert j.verdict == CONTRADICTED and j.detail == "max |difference| 0.3 (bn control: 2)"
     assert claims.judge_identity(math.nan, 5.0).verdict == INCONCLUSIVE
 
 
@@ -241,6 +243,12 @@ def test_claims_table_rows_per_claim_and_peer():
     identity = {("digits", "resnet20"): {"diff": 0.0, "scale": 3.0, "control": 1.5}}
     table = claims.claims_table(runs, identity=identity)
     assert list(table["claim"]) == ["1", "2", "2", "3", "4", "4", "5", "6", "6", "6"]
+    # a second, shallower arch: its rows come first (by depth), judged on its own runs only
+    shallow = runs.assign(arch="resnet8")
+    both = claims.claims_table(pd.concat([runs, shallow[shallow["variant"] != "wn"]]),
+                               identity={**identity, ("digits", "resnet8"): identity[("digits", "resnet20")]})
+    assert list(both["arch"]) == ["resnet8"] * 10 + ["resnet20"] * 10
+    assert both.iloc[7]["reason"] == "wn not in the runs" and both.iloc[17]["verdict"] == SUPPORTED
     by = {(r.claim, r.comparison.split(":")[0]): r for r in table.itertuples()}
     assert table.iloc[0]["verdict"] == SUPPORTED  # plain fails at 0.1 and 0.4 where bn trains
     assert table.iloc[1]["verdict"] == SUPPORTED and "msr 0.4, bn 0.4, plain 0.05" in table.iloc[1]["detail"]
@@ -278,3 +286,35 @@ def test_chance_level_names_an_unknown_dataset():
     assert claims.chance_level("mnist", {"mnist": 10}) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="'mnist' unknown"):
         claims.chance_level("mnist")
+
+
+# ------------------------------------------- msr.report markers the figures use to show divergence
+
+
+def test_sweep_markers_show_single_seeds_and_all_diverged_points():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from msr import report
+
+    stats = pd.DataFrame({"variant": ["msr"] * 3, "lr": [0.1, 0.4, 1.6], "n_completed": [2, 1, 0],
+                          "n_diverged": [0, 1, 2], "final_test_acc_mean": [0.9, 0.8, math.nan],
+                          "final_test_acc_std": [0.01, math.nan, math.nan]})
+    fig, (ax, other) = plt.subplots(1, 2)
+    report.plot_vs(ax, stats, "msr", "lr", "final_test_acc_mean")
+    hollow = [line for line in ax.lines if line.get_gid() == "msr-key-single-seed"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.4] and hollow[0].get_markerfacecolor() == "white"
+    crosses = report.mark_all_diverged(ax, stats, "msr", "lr")
+    assert list(crosses["lr"]) == [1.6]
+    report.sweep_legend(fig, [ax, other])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "msr", "1 completed seed (no spread)", "every seed diverged"]
+    # nothing special drawn: no keys for it in the legend
+    fig2, ax2 = plt.subplots()
+    report.plot_vs(ax2, stats.iloc[:1], "msr", "lr", "final_test_acc_mean")
+    assert report.mark_all_diverged(ax2, stats.iloc[:1], "msr", "lr").empty
+    report.sweep_legend(fig2, [ax2])
+    assert [t.get_text() for t in fig2.legends[0].get_texts()] == ["msr"]
+    plt.close("all")

@@ -220,7 +220,13 @@ class Judgement:
     a: Group | None = None
     b: Group | None = None
     detail: str = ""  # the effect in words where it is not a number (stable learning rates)
+    seeds: str = ""  # n per side in words; default "<n A> (<k> div.) / <n B>"
     context: dict = field(default_factory=dict)  # dataset, arch
+
+    def seeds_text(self) -> str:
+        if self.seeds or self.a is None or self.b is None:
+            return self.seeds
+        return f"{_seeds(self.a)} / {_seeds(self.b)}"
 
     def row(self) -> dict:
         scale = 100.0 if self.unit == "pp" else 1.0
@@ -229,7 +235,7 @@ class Judgement:
             **self.context, "claim": self.claim, "comparison": self.comparison,
             "expected": self.expect, "effect": self.effect * scale, "ci_low": self.low * scale,
             "ci_high": self.high * scale, "unit": self.unit, "ci_method": self.method,
-            "detail": self.detail,
+            "detail": self.detail, "seeds": self.seeds_text(),
             "a": side(self.a, "name"), "n_a": side(self.a, "n_runs"),
             "completed_a": side(self.a, "n_completed"), "diverged_a": side(self.a, "n_diverged"),
             "b": side(self.b, "name"), "n_b": side(self.b, "n_runs"),
@@ -238,8 +244,8 @@ class Judgement:
         }
 
 
-def _fmt(x: float, unit: str) -> str:
-    return f"{100 * x:+.2f} pp" if unit == "pp" else f"{x:+.3g}"
+def _seeds(g: Group) -> str:
+    return f"{g.n_runs}" + (f" ({g.n_diverged} div.)" if g.n_diverged else "")
 
 
 def judge_difference(claim: str, a: Group, b: Group, expect: Expect, *, unit: str = "pp",
@@ -252,18 +258,18 @@ def judge_difference(claim: str, a: Group, b: Group, expect: Expect, *, unit: st
         return replace(base, reason="; ".join(problems))
     ci = welch_interval(a.values, b.values, confidence)
     result = verdict(ci.low, ci.high, expect)
-    where = f"CI [{_fmt(ci.low, unit)}, {_fmt(ci.high, unit)}]"
     if result == INCONCLUSIVE:
-        reason = f"{where} touches or spans 0" if ci.low != ci.high else f"{where}: no difference"
+        reason = ("no difference (every seed of both sides equal)" if ci.low == ci.high == 0
+                  else "CI touches 0" if 0 in (ci.low, ci.high) else "CI spans 0")
     else:
         winner = a if ci.low > 0 else b
         if winner.n_diverged:
             result = INCONCLUSIVE
-            reason = (f"{where} favours {winner.name}, but {winner.n_diverged} of its {winner.n_runs} "
+            reason = (f"CI favours {winner.name}, but {winner.n_diverged} of its {winner.n_runs} "
                       f"seeds diverged (its mean is of survivors only)")
         else:
-            side = "above" if ci.low > 0 else "below"
-            reason = f"{where} {side} 0"
+            above = ci.low > 0
+            reason = f"CI {'above' if above else 'below'} 0: {a.name} {'higher' if above else 'lower'} than {b.name}"
             losers = [g for g in (a, b) if g is not winner and g.n_diverged]
             reason += "".join(f"; {g.name}: {g.n_diverged} of {g.n_runs} seeds also diverged"
                               for g in losers)
@@ -321,7 +327,7 @@ def _sweep_groups(sweep: Sweep, lrs: Sequence[float], name: str) -> Group:
 def judge_instability(plain: Sweep, bn: Sweep, chance: float, claim: str = "1") -> Judgement:
     """Claim 1: ``plain`` diverges or stays near chance where ``bn`` trains (module rule). The
     effect shown is the difference of divergence rates pooled over the common lrs."""
-    comparison = "plain vs bn over the lr sweep: is plain unstable where bn is stable?"
+    comparison = "lr sweep: does plain fail where bn trains?"
     base = Judgement(claim, comparison, INCONCLUSIVE, "", expect="plain fails where bn trains",
                      unit="rate")
     common, status, why = _common_points({"plain": plain, "bn": bn}, chance)
@@ -352,27 +358,28 @@ def highest_stable(status: Mapping[float, bool | None], lrs: Sequence[float]) ->
 def judge_stability(msr: Sweep, bn: Sweep, plain: Sweep, chance: float, claim: str = "2") -> Judgement:
     """Claim 2: ``msr``'s highest stable lr >= ``bn``'s and > ``plain``'s (module rule). A tie
     with ``plain`` is inconclusive; so is an ordering at the top of the sweep (censored)."""
-    comparison = "highest stable lr over the lr sweep: msr vs bn and plain"
+    comparison = "lr sweep: highest stable lr, msr vs bn and plain"
     base = Judgement(claim, comparison, INCONCLUSIVE, "", expect="msr >= bn, msr > plain", unit="lr")
     common, status, why = _common_points({"msr": msr, "bn": bn, "plain": plain}, chance)
     if why:
         return replace(base, reason=why)
     top = {name: highest_stable(status[name], common) for name in ("msr", "bn", "plain")}
-    detail = "highest stable lr: " + ", ".join(
-        f"{n} {'none' if v is None else f'{v:g}'}" for n, v in top.items())
-    base = replace(base, detail=detail, a=_sweep_groups(msr, common, "msr"),
-                   b=_sweep_groups(bn, common, "bn"), method=f"lr {_lrs(common)}")
+    detail = ", ".join(f"{n} {'none' if v is None else f'{v:g}'}" for n, v in top.items()) + \
+        f" (of lr {_lrs(common)})"
+    groups = {n: _sweep_groups(s, common, n) for n, s in (("msr", msr), ("bn", bn), ("plain", plain))}
+    base = replace(base, detail=detail, a=groups["msr"], b=groups["bn"], method=f"lr {_lrs(common)}",
+                   seeds=" / ".join(_seeds(g) for g in groups.values()))
     if all(v is None for v in top.values()):
         return replace(base, reason=f"no variant is stable at any lr ({_lrs(common)})")
     rank = {n: (-math.inf if v is None else v) for n, v in top.items()}  # never stable: lowest
     reversed_ = [n for n in ("bn", "plain") if rank["msr"] < rank[n]]
     if reversed_:
         return replace(base, verdict=CONTRADICTED,
-                       reason=f"msr's highest stable lr is below {' and '.join(reversed_)}'s ({detail})")
+                       reason=f"msr's highest stable lr is below {' and '.join(reversed_)}'s")
     if rank["msr"] == rank["plain"]:
         edge = " - the top of the sweep, so it cannot tell them apart" if top["msr"] == max(common) else ""
-        return replace(base, reason=f"msr and plain are stable up to the same lr{edge} ({detail})")
-    return replace(base, verdict=SUPPORTED, reason=detail)
+        return replace(base, reason=f"msr and plain are stable up to the same lr{edge}")
+    return replace(base, verdict=SUPPORTED, reason="msr's highest stable lr is >= bn's and > plain's")
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,16 +391,20 @@ def judge_identity(max_abs_diff: float, scale: float, *, claim: str = "3", varia
     """Train-mode vs eval-mode outputs of one model on the same input: supported when the
     largest difference is within IDENTITY_TOL x the largest output (``scale``). ``control``:
     the same number for ``bn``, shown to prove the test can see a difference."""
-    comparison = f"{variant}: max |train-mode - eval-mode output| on the same input"
-    detail = f"{max_abs_diff:.3g} (largest |output| {scale:.3g})" + \
-        (f"; bn control {control:.3g}" if control is not None else "") + (f"; {note}" if note else "")
+    comparison = f"{variant}: train-mode vs eval-mode output, same input"
+    detail = f"max |difference| {max_abs_diff:.3g}" + \
+        (f" (bn control: {control:.3g})" if control is not None else "")
+    note = f"; {note}" if note else ""
     base = Judgement(claim, comparison, INCONCLUSIVE, "", expect="0", effect=max_abs_diff,
                      low=max_abs_diff, high=max_abs_diff, unit="abs", method="test", detail=detail)
     if not (math.isfinite(max_abs_diff) and math.isfinite(scale)):
         return replace(base, reason="the outputs are not finite")
     if max_abs_diff <= IDENTITY_TOL * max(scale, 1e-12):
-        return replace(base, verdict=SUPPORTED, reason=f"identical: {detail}")
-    return replace(base, verdict=CONTRADICTED, reason=f"the outputs differ: {detail}")
+        return replace(base, verdict=SUPPORTED,
+                       reason=f"identical (largest |output| {scale:.3g}){note}")
+    return replace(base, verdict=CONTRADICTED,
+                   reason=f"the outputs differ by more than {IDENTITY_TOL:g} x the largest |output| "
+                          f"({scale:.3g}){note}")
 
 
 def train_eval_difference(variant: str, depth: int, num_classes: int, in_channels: int,
@@ -423,12 +434,17 @@ def train_eval_difference(variant: str, depth: int, num_classes: int, in_channel
 # Table T3 from the aggregated runs
 
 
-def chance_level(dataset: str, num_classes: Mapping[str, int] | None = None) -> float:
+def classes_of(dataset: str, num_classes: Mapping[str, int] | None = None) -> int:
+    """The number of classes of ``dataset`` (``num_classes`` adds to or overrides NUM_CLASSES)."""
     classes = {**NUM_CLASSES, **(num_classes or {})}
     if dataset not in classes:
         raise ValueError(f"number of classes of dataset {dataset!r} unknown: add it to "
                          f"msr.claims.NUM_CLASSES or pass num_classes={{{dataset!r}: N}}")
-    return 1.0 / classes[dataset]
+    return int(classes[dataset])
+
+
+def chance_level(dataset: str, num_classes: Mapping[str, int] | None = None) -> float:
+    return 1.0 / classes_of(dataset, num_classes)
 
 
 def lr_sweep(runs: pd.DataFrame, variant: str) -> dict[float, Group]:
@@ -477,13 +493,13 @@ def judge_pair(runs: pd.DataFrame, chance: float, *,
         a, b = init_mean_shift(probes, runs, "plain"), init_mean_shift(probes, runs, "msr")
         rows.append(judge_difference(
             "1", a, b, "above", unit="ratio",
-            comparison="mean shift |mean|/std of the deepest conv at init: plain - msr (= zmi at init)"))
+            comparison="mean shift at init, deepest conv: plain - msr (= zmi at init)"))
     # claim 2: msr trains where plain cannot; ZMI/ZMG help on top of the affine scheme
     rows.append(judge_stability(lr_sweep(runs, "msr"), lr_sweep(runs, "bn"), lr_sweep(runs, "plain"), chance))
     rows.append(diff("2", "msr", "nf", "above"))
     # claim 3: the test graph is the training graph
     if identity is None:
-        rows.append(Judgement("3", "msr: train-mode vs eval-mode output", INCONCLUSIVE,
+        rows.append(Judgement("3", "msr: train-mode vs eval-mode output, same input", INCONCLUSIVE,
                               "not measured (no msr run for this dataset/arch)", expect="0"))
     else:
         rows.append(judge_identity(float(identity["diff"]), float(identity["scale"]),
@@ -513,7 +529,9 @@ def claims_table(runs: pd.DataFrame, *, probes: pd.DataFrame | None = None,
                             identity=(identity or {}).get((dataset, arch))):
             rows.append(replace(j, context={"dataset": dataset, "arch": arch}).row())
     columns = list(Judgement("", "", "", "", context={"dataset": "", "arch": ""}).row())
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    counts = [f"{k}_{side}" for k in ("n", "completed", "diverged") for side in "ab"]
+    return table.astype({c: "Int64" for c in counts})  # counts stay integers next to missing ones
 
 
 def overrides_of(row: Mapping) -> dict:

@@ -234,6 +234,9 @@ def sweep_axes(sel: pd.DataFrame, empty_message: str, width: float = 9.0):
     return fig, list(zip(pairs, axes, strict=False))
 
 
+_KEY_SINGLE, _KEY_DIVERGED = "msr-key-single-seed", "msr-key-all-diverged"  # artist ids for the legend
+
+
 def plot_vs(ax, stats: pd.DataFrame, variant: str, x: str, y: str, *, errorbars: bool = True,
             completed_only: bool = True, scale: float = 100.0) -> pd.DataFrame:
     """One variant's ``y`` (``<metric>_mean`` with ``_std`` bars) against ``x``, sorted by x;
@@ -249,7 +252,47 @@ def plot_vs(ax, stats: pd.DataFrame, variant: str, x: str, y: str, *, errorbars:
         ax.errorbar(s[x], scale * s[y], yerr=scale * std, capsize=2, **style)
     else:
         ax.plot(s[x], scale * s[y], **style)
+    if completed_only:
+        # one completed seed has no spread: a hollow marker, so no bar-less point looks exact
+        single = s[s["n_completed"] == 1]
+        if not single.empty:
+            ax.plot(single[x], scale * single[y], ls="none", marker="o", ms=4, mfc="white",
+                    mec=variant_color(variant), mew=1.2, zorder=5, gid=_KEY_SINGLE)
     return s
+
+
+def mark_all_diverged(ax, stats: pd.DataFrame, variant: str, x: str) -> pd.DataFrame:
+    """An ``x`` at the bottom of an accuracy axis where every seed of ``variant`` diverged -
+    those points have no accuracy, and an accuracy panel must not just leave them out."""
+    s = stats[(stats["variant"] == variant) & (stats["n_completed"] == 0) & (stats["n_diverged"] > 0)]
+    if not s.empty:
+        ax.plot(s[x], [0.03] * len(s), transform=ax.get_xaxis_transform(), ls="none", marker="x",
+                ms=6, mew=1.5, color=variant_color(variant), clip_on=False, zorder=5, gid=_KEY_DIVERGED)
+    return s
+
+
+def sweep_legend(fig, axes: Iterable) -> None:
+    """The variants drawn on ``axes`` plus the keys of the special markers drawn (hollow: one
+    completed seed; x: every seed diverged), under the panels, where it can cover no data."""
+    from matplotlib.lines import Line2D
+
+    seen: dict[str, object] = {}
+    gids = set()
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+        gids |= {line.get_gid() for line in ax.lines}
+    if not seen:
+        return
+    keys = {_KEY_SINGLE: (Line2D([], [], ls="none", marker="o", ms=4, mfc="white", mec="0.3", mew=1.2),
+                          "1 completed seed (no spread)"),
+            _KEY_DIVERGED: (Line2D([], [], ls="none", marker="x", ms=6, mew=1.5, color="0.3"),
+                            "every seed diverged")}
+    for gid, (handle, label) in keys.items():
+        if gid in gids:
+            seen[label] = handle
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=min(len(seen), 6),
+               frameon=False)
 
 
 def fixed_ticks(axes: Iterable, values: Iterable[float]) -> None:
