@@ -25,7 +25,9 @@
 # that completed); right, the fraction of seeds whose loss became non-finite. The sweep's
 # points come from runs tagged `lr<value>` plus the main grid's run at the variant's default
 # learning rate. The x axis is the base (conv-group) learning rate; the other parameter group
-# keeps its ratio to it.
+# keeps its ratio to it. On the accuracy panel a hollow marker is a point with one completed
+# seed (no spread to show) and an x at the bottom a point where every seed diverged (it has no
+# accuracy, but must not vanish from the panel).
 
 # %%
 import pandas as pd
@@ -50,13 +52,14 @@ for (dataset, arch), (ax_acc, ax_div) in rows:
     here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
     for variant in variants:
         report.plot_vs(ax_acc, here, variant, "lr", "final_test_acc_mean")
+        report.mark_all_diverged(ax_acc, here, variant, "lr")
         report.plot_vs(ax_div, here, variant, "lr", "divergence_rate", errorbars=False, completed_only=False)
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", xlabel="learning rate", xscale="log",
                ylabel="test accuracy (%)", ylim=(0, 100))
     ax_div.set(title=f"{dataset} / {arch}: diverged runs", xlabel="learning rate", xscale="log",
                ylabel="diverged (% of seeds)", ylim=(-5, 105))
     report.fixed_ticks((ax_acc, ax_div), here["lr"])
-    ax_acc.legend(frameon=False)
+report.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
 report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
 report.write_provenance(snakemake.output.provenance, "fig3_lr_stability", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

@@ -25,7 +25,9 @@
 # seeds against the batch size. Points: runs tagged `bs<value>` plus the main grid's runs (at
 # `train.batch_size`). The learning rate follows the batch size as set by
 # `sweeps.batch_size.lr_scaling` (default linear, relative to `train.batch_size`), so each
-# point trains the same number of epochs at a comparable per-sample step.
+# point trains the same number of epochs at a comparable per-sample step. On the accuracy panel
+# a hollow marker is a point with one completed seed (no spread to show) and an x at the bottom
+# a point where every seed diverged.
 
 # %%
 import pandas as pd
@@ -51,6 +53,7 @@ for (dataset, arch), (ax_acc, ax_div) in rows:
     here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
     for variant in variants:
         report.plot_vs(ax_acc, here, variant, "batch_size", "final_test_acc_mean")
+        report.mark_all_diverged(ax_acc, here, variant, "batch_size")
         report.plot_vs(ax_div, here, variant, "batch_size", "divergence_rate", errorbars=False, completed_only=False)
     for ax in (ax_acc, ax_div):
         ax.set_xscale("log", base=2)
@@ -58,7 +61,7 @@ for (dataset, arch), (ax_acc, ax_div) in rows:
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", ylabel="test accuracy (%)", ylim=(0, 100))
     ax_div.set(title=f"{dataset} / {arch}: diverged runs", ylabel="diverged (% of seeds)", ylim=(-5, 105))
     report.fixed_ticks((ax_acc, ax_div), here["batch_size"])
-    ax_acc.legend(frameon=False)
+report.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
 report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
 report.write_provenance(snakemake.output.provenance, "fig5_batch_size", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])
