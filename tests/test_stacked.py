@@ -72,7 +72,7 @@ def test_stacked_seeds_match_separate_runs(variant):
         assert mine.keys() == state.keys()
         for key, want in state.items():
             # weights, BatchNorm running stats and step counters alike
-            torch.testing.assert_close(mine[key], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{variant} seed {seed}: {key}: {m}")
+            torch.testing.assert_close(mine[key], want, rtol=1e-4, atol=1e-5, msg=lambda m, where=f"{variant} seed {seed}: {key}": f"{where}: {m}")
     # the models really did train apart: different seeds, different weights
     w = [dict(m.named_parameters())["fc.weight"] for m in stacked.models]
     assert not torch.allclose(w[0], w[1])

@@ -1,23 +1,47 @@
 """``msr bench``: training-step throughput, measured - never asserted in a timed test.
 
-Reports, for one arch / variant / batch size / device:
-- images/s of msr's loop (device-resident uint8 data, batched on-device crop + flip);
-- the same model and step fed the conventional way - a torchvision-style ``Dataset`` of PIL
-  images with ``RandomCrop(padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``
-  per sample, through a ``DataLoader`` with worker processes - and the ratio of the two;
-- the time of the variant's gradient modification (ZMG / cmrr) per step, and of its noise
-  modules (forward + backward, each timed alone on the shapes of a real step), as shares of
-  the step.
+Two reports.
 
-The data is synthetic and CIFAR-shaped by default, so the benchmark runs anywhere offline.
+**The comparison table** (default): for each arch x variant, the same training step run
+- ``eager``: msr's loop as ``msr train`` runs it (channels_last; bf16 autocast and fused SGD on
+  CUDA), the reference;
+- ``compile``: the model under ``torch.compile`` (default mode), as ``msr train --compile``.
+  On a CPU it is skipped unless ``--compile-on-cpu``: it costs 20-40 s to compile there and is
+  no faster (NOTES.md);
+- ``compile_cudagraphs``: ``torch.compile(mode="reduce-overhead")`` (CUDA graphs under
+  Inductor); CUDA only;
+- ``cuda_graph``: the whole step - forward, loss, backward, the variant's gradient hook (ZMG),
+  fused SGD with the lr as a device tensor - captured by hand as one CUDA graph; CUDA only;
+- ``processes``: K runs at once as K processes (the same eager step, each its own seed and
+  data), started together after their warm-up; images/s is all K together, over the wall time
+  from the first start to the last end;
+- ``stacked``: K seeds of the variant stacked in one process (``msr.stacked``).
+Times exclude warm-up (and compilation); CUDA events time the GPU, ``perf_counter`` the CPU.
+A method that cannot run says why in its row (``not available on cpu``, ``skipped: ...``,
+``failed: ...``): no row is ever silently missing. ``--json PATH`` writes the table after each
+row, so a run cut short still leaves what it measured.
+
+**The data-path report** (``--data-path``): one arch / variant / batch size fed two ways - msr's
+device-resident loader and a conventional torchvision-style ``DataLoader`` of PIL images with
+per-sample transforms - plus the shares of the step spent in the gradient modification and the
+noise modules.
+
+The data is synthetic and CIFAR-shaped (3 x 32 x 32, 10 classes), so both run anywhere offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import queue
 import statistics
+import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 import torch
@@ -31,6 +55,7 @@ from msr.models import parse_arch
 from msr.variants import VARIANTS, Variant, build
 
 
+# =========================================================================== data-path report
 class PILImageDataset(torch.utils.data.Dataset):
     """What ``torchvision.datasets.CIFAR10`` does per sample: uint8 HWC -> PIL -> transforms."""
 
@@ -84,10 +109,11 @@ class Stepper:
         self.model = variant.model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.opt = torch.optim.SGD(variant.param_groups(), momentum=0.9, fused=device.type == "cuda" or None)
         self.channels_last = channels_last
+        self.forward = self.model  # or a compiled version of it
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = F.cross_entropy(self.model(x).float(), y)
+            loss = F.cross_entropy(self.forward(x).float(), y)
         loss = loss + self.variant.extra_loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,12 +197,10 @@ def time_noise(step: Stepper, x: torch.Tensor, reps: int) -> float | None:
     return (time.perf_counter() - t0) / reps
 
 
-def run_bench(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run_data_path(args: argparse.Namespace) -> dict:
+    device = _resolve_device(args.device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else None
-    channels_last = not args.no_channels_last
+    channels_last = args.channels_last
     if args.dataset == "synthetic":
         ds = msr_data.load_dataset(
             "synthetic", args.data_root,
@@ -238,7 +262,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
-def format_result(r: dict) -> str:
+def format_data_path(r: dict) -> str:
     lines = [
         f"msr bench: {r['arch']} / {r['variant']} / batch {r['batch_size']} on {r['device_name']} "
         f"({r['device']}, {r['threads']} threads, {r['precision']}, channels_last={r['channels_last']})",
@@ -264,41 +288,439 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+# =========================================================================== comparison table
+METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "stacked")
+CUDA_ONLY = ("compile_cudagraphs", "cuda_graph")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
+
+
+def synthetic_loader(n: int, batch_size: int, seed: int, device: torch.device, channels_last: bool) -> Iterator:
+    """Endless batches of random CIFAR-shaped uint8 images through msr's DeviceLoader (crop +
+    flip + normalize on the device, as a CIFAR run does); content does not matter for speed."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    loader = msr_data.DeviceLoader(
+        images, labels, batch_size=batch_size, mean=CIFAR_MEAN, std=CIFAR_STD, train=True, seed=seed,
+        crop_padding=4, flip=True, device=device, channels_last=channels_last,
+    )
+
+    def epoch(e: int) -> Iterator:
+        loader.set_epoch(e)
+        return iter(loader)
+
+    return _cycle(epoch)
+
+
+def time_windows(step: Callable[[], None], device: torch.device, steps: int, warmup: int, repeats: int) -> tuple[list[float], float]:
+    """(seconds per step of ``repeats`` windows of ``steps`` steps, seconds the warm-up took).
+
+    CUDA: events around each window on the current stream (GPU time, launch gaps included);
+    CPU: ``perf_counter``.
+    """
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3 / steps)
+        else:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            out.append((time.perf_counter() - t) / steps)
+    return out, warm_s
+
+
+class GraphStepper:
+    """The whole training step as one CUDA graph (PyTorch's "whole-network capture" recipe).
+
+    Forward, loss (+ the variant's extra loss), backward, ``after_backward`` (ZMG on the true
+    gradients) and a fused SGD step whose lr is a device tensor (a schedule would ``fill_`` it
+    between replays) are captured once after a few eager warm-up steps on a side stream; a step
+    is then two copies into the static batch and one ``replay()``. The noise draws come from
+    the default CUDA generator, which graphs support (each replay advances its offset).
+    """
+
+    def __init__(self, variant: Variant, device: torch.device, amp_dtype, channels_last: bool, batch_size: int):
+        if device.type != "cuda":
+            raise ValueError("a CUDA graph needs a CUDA device")
+        self.variant, self.device, self.amp_dtype = variant, device, amp_dtype
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = variant.model.to(device, memory_format=self.fmt)
+        groups = variant.param_groups()
+        for g in groups:
+            g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        self.opt = torch.optim.SGD(groups, momentum=0.9, fused=True)
+        self.static_x = torch.zeros((batch_size, *IMAGE_SHAPE), device=device).contiguous(memory_format=self.fmt)
+        self.static_y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_loss: torch.Tensor | None = None
+
+    def _body(self) -> torch.Tensor:
+        # cache_enabled=False: autocast's weight-cast cache must not outlive the capture
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False):
+            loss = F.cross_entropy(self.model(self.static_x).float(), self.static_y)
+        loss = loss + self.variant.extra_loss()
+        loss.backward()
+        self.variant.after_backward()
+        self.opt.step()
+        return loss.detach()
+
+    def capture(self, batches: Iterator, warmup: int = 3) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream (cuDNN autotune, lazy state)
+            for _ in range(warmup):
+                self.load(*next(batches))
+                self.opt.zero_grad(set_to_none=True)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)  # the capture's backward allocates the grads replays refill
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self._body()
+
+    def load(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.load(x, y)
+        self.graph.replay()
+        return self.static_loss
+
+
+def _build_variant(variant: str, arch: str, seed: int) -> Variant:
+    torch.manual_seed(seed)
+    return build(variant, depth=parse_arch(arch), num_classes=NUM_CLASSES, in_channels=IMAGE_SHAPE[0])
+
+
+def _row(arch: str, variant: str, method: str, models: int, status: str = "ok", **fields) -> dict:
+    return {"arch": arch, "variant": variant, "method": method, "models": models, "status": status,
+            "ms_per_step": None, "images_per_s": None, "speedup_vs_eager": None, "note": "", **fields}
+
+
+def _timed_row(arch, variant, method, models, batch_size, windows, warm_s, timing, note="") -> dict:
+    step_s = statistics.median(windows)
+    return _row(arch, variant, method, models, ms_per_step=1e3 * step_s, images_per_s=models * batch_size / step_s,
+                warmup_s=warm_s, windows_ms=[1e3 * w for w in windows], timing=timing, note=note)
+
+
+def _timing_name(device: torch.device) -> str:
+    return "cuda events" if device.type == "cuda" else "perf_counter"
+
+
+def bench_single(args, arch: str, variant: str, method: str, device: torch.device, amp_dtype) -> dict:
+    """eager / compile / compile_cudagraphs / cuda_graph: one model, one process."""
+    v = _build_variant(variant, arch, seed=0)
+    batches = synthetic_loader(args.n_train, args.batch_size, 0, device, args.channels_last)
+    timing = dict(steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+    note = ""
+    if method == "cuda_graph":
+        stepper = GraphStepper(v, device, amp_dtype, args.channels_last, args.batch_size)
+        t0 = time.perf_counter()
+        stepper.capture(batches)
+        note = f"captured after 3 eager steps in {time.perf_counter() - t0:.1f} s"
+        windows, warm_s = time_windows(lambda: stepper(*next(batches)), device, **timing)
+    else:
+        stepper = Stepper(v, device, amp_dtype, args.channels_last)
+        if method == "compile":
+            stepper.forward = torch.compile(stepper.model)
+        elif method == "compile_cudagraphs":
+            stepper.forward = torch.compile(stepper.model, mode="reduce-overhead")
+        # compilation happens in the first warm-up steps: at least 2 so a recompile is outside too
+        if method != "eager":
+            timing["warmup"] = max(2, timing["warmup"])
+        windows, warm_s = time_windows(lambda: stepper(*next(batches)), device, **timing)
+        if method != "eager":
+            note = f"warm-up incl. compilation {warm_s:.1f} s"
+    return _timed_row(arch, variant, method, 1, args.batch_size, windows, warm_s, _timing_name(device), note)
+
+
+def bench_stacked(args, arch: str, variant: str, device: torch.device, amp_dtype) -> dict:
+    from msr.stacked import StackedSeeds
+
+    k = args.k
+    stacked = StackedSeeds(variant, list(range(k)), depth=parse_arch(arch), num_classes=NUM_CLASSES,
+                           in_channels=IMAGE_SHAPE[0], device=device, amp_dtype=amp_dtype, noise_rng=args.stacked_noise)
+    loaders = [synthetic_loader(args.n_train, args.batch_size, i, device, False) for i in range(k)]
+
+    def step() -> None:
+        xs, ys = zip(*(next(it) for it in loaders), strict=True)
+        stacked.step(torch.stack(xs), torch.stack(ys))
+
+    windows, warm_s = time_windows(step, device, args.steps, args.warmup, args.repeats)
+    return _timed_row(arch, variant, "stacked", k, args.batch_size, windows, warm_s, _timing_name(device),
+                      f"{k} seeds, vmap; noise {args.stacked_noise}; contiguous (not channels_last)")
+
+
+# ---- K processes
+def _worker(spec: dict) -> int:
+    """One of the K processes: warm up, say ready, wait for go, time, report one JSON line."""
+    device = torch.device(spec["device"])
+    torch.set_num_threads(spec["threads"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] else None
+    v = _build_variant(spec["variant"], spec["arch"], seed=spec["seed"])
+    stepper = Stepper(v, device, amp_dtype, spec["channels_last"])
+    batches = synthetic_loader(spec["n_train"], spec["batch_size"], spec["seed"], device, spec["channels_last"])
+    for _ in range(spec["warmup"]):
+        stepper(*next(batches))
+    _sync(device)
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    windows = []
+    start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the machine
+    for _ in range(spec["repeats"]):
+        t = time.perf_counter()
+        for _ in range(spec["steps"]):
+            stepper(*next(batches))
+        _sync(device)
+        windows.append((time.perf_counter() - t) / spec["steps"])
+    end = time.monotonic()
+    print(json.dumps({"start": start, "end": end, "windows": windows}), flush=True)
+    return 0
+
+
+class _Proc:
+    def __init__(self, spec: dict):
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "msr.bench", "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(x) for x in self.p.stdout] + [self.lines.put(None)], daemon=True).start()
+        threading.Thread(target=lambda: self.err.extend(self.p.stderr), daemon=True).start()
+
+    def line(self, deadline: float) -> str:
+        try:
+            got = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"worker {self.p.pid} did not answer in time") from None
+        if got is None:
+            self.p.wait(timeout=30)
+            tail = "".join(self.err).strip().splitlines()
+            raise RuntimeError(f"worker exited with status {self.p.returncode}: {tail[-1] if tail else 'no message'}")
+        return got.strip()
+
+
+def bench_processes(args, arch: str, variant: str, device: torch.device, amp_dtype) -> dict:
+    k = args.k
+    threads = max(1, torch.get_num_threads() // k) if device.type == "cpu" else 1
+    base = dict(arch=arch, variant=variant, device=str(device), amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+                channels_last=args.channels_last, batch_size=args.batch_size, n_train=args.n_train, threads=threads,
+                warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+    procs = [_Proc({**base, "seed": i}) for i in range(k)]
+    deadline = time.monotonic() + args.worker_timeout
+    try:
+        for p in procs:
+            if p.line(deadline) != "ready":
+                raise RuntimeError("worker said something other than ready")
+        for p in procs:  # all start timing together
+            p.p.stdin.write("go\n")
+            p.p.stdin.flush()
+        results = [json.loads(p.line(deadline)) for p in procs]
+        for p in procs:
+            p.p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.p.poll() is None:
+                p.p.kill()
+                p.p.wait()
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    images = k * args.batch_size * args.steps * args.repeats
+    per_proc = statistics.median(statistics.median(r["windows"]) for r in results)
+    return _row(arch, variant, "processes", k, ms_per_step=1e3 * per_proc, images_per_s=images / span,
+                timing="wall (perf_counter + synchronize)", windows_ms=[1e3 * statistics.median(r["windows"]) for r in results],
+                note=f"{k} processes x {threads} thread(s); ms/step per process, img/s all together")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def bench_method(args, arch: str, variant: str, method: str, device: torch.device, amp_dtype) -> dict:
+    if method in CUDA_ONLY and device.type != "cuda":
+        return _row(arch, variant, method, 1, status="not available on cpu", note="needs CUDA")
+    if method in ("compile",) and device.type == "cpu" and not args.compile_on_cpu:
+        return _row(arch, variant, method, 1, status="skipped",
+                    note="on a CPU compiling costs 20-40 s and is no faster; --compile-on-cpu runs it")
+    models = args.k if method in ("processes", "stacked") else 1
+    try:
+        if method == "processes":
+            return bench_processes(args, arch, variant, device, amp_dtype)
+        if method == "stacked":
+            return bench_stacked(args, arch, variant, device, amp_dtype)
+        return bench_single(args, arch, variant, method, device, amp_dtype)
+    except Exception as e:  # one method failing (e.g. a capture on an untried GPU) must not lose the table
+        traceback.print_exc(file=sys.stderr)
+        return _row(arch, variant, method, models, status="failed", note=_first_line(e))
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def environment(device: torch.device, amp_dtype, args) -> dict:
+    env = {
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
+        "precision": "bf16" if amp_dtype else "fp32", "channels_last": args.channels_last, "batch_size": args.batch_size,
+        "steps_per_window": args.steps, "windows": args.repeats, "warmup_steps": args.warmup, "k": args.k,
+        "hostname": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return env
+
+
+def run_table(args, device: torch.device, log=print) -> dict:
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    result = {"environment": environment(device, amp_dtype, args), "rows": []}
+    for arch in args.arch:
+        for variant in args.variant:
+            eager_ips = None
+            for method in args.methods:
+                row = bench_method(args, arch, variant, method, device, amp_dtype)
+                if method == "eager" and row["status"] == "ok":
+                    eager_ips = row["images_per_s"]
+                if row["status"] == "ok" and eager_ips:
+                    row["speedup_vs_eager"] = row["images_per_s"] / eager_ips
+                result["rows"].append(row)
+                log(format_row(row))
+                if args.json:
+                    msr_io.write_json(args.json, result)  # after every row: a cut-short run keeps what it measured
+    return result
+
+
+TABLE_HEADER = f"{'arch':<10} {'variant':<10} {'method':<19} {'models':>6} {'ms/step':>9} {'img/s':>9} {'x eager':>8}  note"
+
+
+def format_row(r: dict) -> str:
+    if r["status"] != "ok":
+        nums = f"{'-':>9} {'-':>9} {'-':>8}"
+        note = r["status"] + (f": {r['note']}" if r["note"] else "")
+    else:
+        x = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"
+        nums = f"{r['ms_per_step']:9.2f} {r['images_per_s']:9.0f} {x:>8}"
+        note = r["note"]
+    return f"{r['arch']:<10} {r['variant']:<10} {r['method']:<19} {r['models']:>6} {nums}  {note}"
+
+
+def format_environment(env: dict) -> str:
+    return (
+        f"msr bench: {env['device_name']} ({env['device']}; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
+        f"{env['threads']} threads of {env['cpus']} CPUs), {env['precision']}, channels_last={env['channels_last']}, "
+        f"batch {env['batch_size']}, K={env['k']}; median of {env['windows']} windows of {env['steps_per_window']} steps "
+        f"after {env['warmup_steps']} warm-up steps"
+    )
+
+
+def format_table(result: dict) -> str:
+    return "\n".join([format_environment(result["environment"]), TABLE_HEADER, *map(format_row, result["rows"])])
+
+
+# =========================================================================== command line
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="msr bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20")
-    p.add_argument("--variant", default="msr_noise", help=f"one of {', '.join(VARIANTS)}")
+    p.add_argument("--arch", default="resnet20", help="comma-separated, e.g. resnet20,resnet56,resnet110 (--data-path: one)")
+    p.add_argument("--variant", default=None, help=f"comma-separated (default bn,msr_noise; --data-path: one, default msr_noise); of {', '.join(VARIANTS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--k", type=int, default=None, help="models for 'processes' and 'stacked' (default 4; on a CPU at most its cores)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--dataset", default="synthetic", help="synthetic (CIFAR-shaped, default), digits, cifar10, cifar100")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--n-train", type=int, default=5000, help="synthetic training images")
-    p.add_argument("--data-root", default="data")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional loop")
-    p.add_argument("--no-conventional", action="store_true")
+    p.add_argument("--n-train", type=int, default=5000, help="synthetic training images (per model)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--compile-on-cpu", action="store_true", help="run the 'compile' row on a CPU too (20-40 s per model)")
+    p.add_argument("--stacked-noise", default="per_model", choices=["per_model", "shared"], help="noise RNG of the stacked models (msr.stacked)")
+    p.add_argument("--worker-timeout", type=float, default=600.0, help="seconds the K processes may take in all")
+    p.add_argument("--json", "--out", dest="json", help="also write the result as JSON here")
+    g = p.add_argument_group("data-path report (--data-path)")
+    g.add_argument("--data-path", action="store_true", help="the data-path report instead of the table")
+    g.add_argument("--dataset", default="synthetic", help="synthetic (CIFAR-shaped, default), digits, cifar10, cifar100")
+    g.add_argument("--image-size", type=int, default=None)
+    g.add_argument("--data-root", default="data")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional loop")
+    g.add_argument("--no-conventional", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one of the K processes
     args = p.parse_args(argv)
+    if args.worker:
+        return _worker(json.loads(args.worker))
+    args.channels_last = not args.no_channels_last
     try:
-        if args.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {args.variant!r}; valid variants: {', '.join(VARIANTS)}")
-        parse_arch(args.arch)
+        archs = _split(args.arch)
+        variants = _split(args.variant or ("msr_noise" if args.data_path else "bn,msr_noise"))
+        methods = _split(args.methods)
+        for a in archs:
+            parse_arch(a)
+        for v in variants:
+            if v not in VARIANTS:
+                raise ValueError(f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method {bad[0]!r}; valid methods: {', '.join(METHODS)}")
+        if not archs or not variants or not methods:
+            raise ValueError("--arch, --variant and --methods need at least one entry each")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available")
         if min(args.batch_size, args.steps, args.repeats) < 1 or args.warmup < 0:
             raise ValueError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
-        result = run_bench(args)
+        if args.k is not None and args.k < 1:
+            raise ValueError("--k must be >= 1")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = _resolve_device(args.device)
+        if args.data_path:
+            if len(archs) != 1 or len(variants) != 1:
+                raise ValueError("--data-path reports one arch and one variant")
+            args.arch, args.variant = archs[0], variants[0]
+            result = run_data_path(args)
+            print(format_data_path(result))
+            if args.json:
+                msr_io.write_json(args.json, result)
+            return 0
+        if args.k is None:
+            args.k = 4 if device.type == "cuda" else max(1, min(4, len(os.sched_getaffinity(0))))
+        args.arch, args.variant, args.methods = archs, variants, methods
+        print(format_environment(environment(device, torch.bfloat16 if device.type == "cuda" and not args.fp32 else None, args)))
+        print(TABLE_HEADER, flush=True)
+        run_table(args, device, log=lambda line: print(line, flush=True))
     except (ValueError, msr_data.DatasetError) as e:
         print(f"msr bench: error: {e}", file=sys.stderr)
         return 2
-    print(format_result(result))
-    if args.out:
-        msr_io.write_json(args.out, result)
     return 0
 
 
+if __name__ == "__main__":
+    raise SystemExit(main())
