@@ -156,7 +156,7 @@ def test_fixup_init_follows_the_official_code():
     L = model.num_residual_blocks
     assert L == 27
     for b in model.blocks:
-        assert torch.count_nonzero(b.conv2.weight) == 0
+        assert isinstance(b, FixupBlock) and torch.count_nonzero(b.conv2.weight) == 0
         out_ch = b.conv1.out_channels
         expected = math.sqrt(2 / (out_ch * 9)) * L**-0.5
         assert b.conv1.weight.std().item() == pytest.approx(expected, rel=0.05)
@@ -208,7 +208,7 @@ def test_fixup_branches_start_training_in_stages():
     g1 = step()
     assert {n for n, g in g1.items() if g.any()} == {"fc.weight", "fc.bias"}
     g2 = step()
-    for i, b in enumerate(model.blocks):
+    for i in range(len(model.blocks)):
         assert g2[f"blocks.{i}.conv2.weight"].any() and g2[f"blocks.{i}.bias2b"].any()
         assert not g2[f"blocks.{i}.conv1.weight"].any() and not g2[f"blocks.{i}.scale"].any()
     h = F.relu(model.stem(x) + model.bias1)

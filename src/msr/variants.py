@@ -71,7 +71,8 @@ class VariantSpec:
     noise_placement: str = "block_input"
     gain_noise: float = 0.0
     lr: float = 0.4  # conv weights and gains (the "conv" group)
-    other_lr: float = 0.1  # biases, BatchNorm parameters and the classifier (the "other" group)
+    other_lr: float = 0.1  # biases, BatchNorm parameters and the classifier (the "other" group; biases
+    # and gains move to the "scalar" group when scalar_lr is set)
     weight_decay: float = 0.0  # L2, SGD-style
     unity_kappa: float = 5e-4
     zmi_norm: float = 1.0
