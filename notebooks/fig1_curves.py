@@ -27,6 +27,7 @@
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from msr import report
 
@@ -81,6 +82,8 @@ for row, (dataset, arch) in enumerate(pairs):
     ax_acc.set(title=f"{dataset} / {arch}: test accuracy", xlabel="epoch", ylabel="test accuracy (%)")
     ax_loss.set(title=f"{dataset} / {arch}: test loss", xlabel="epoch", ylabel="test loss", yscale="log")
     ax_acc.set_ylim(0, 100)
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
 handles, labels = axes[0][0].get_legend_handles_labels()
 if handles:
     fig.legend(handles, labels, loc="outside right center", frameon=False)

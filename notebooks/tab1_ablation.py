@@ -31,6 +31,7 @@
 import pandas as pd
 
 from msr import aggregate as agg
+from msr import io as msr_io
 from msr import report
 
 try:
@@ -64,7 +65,8 @@ for _, s in stats.iterrows():
 table = pd.DataFrame(rows, columns=["dataset", "arch", "variant", "claim", "description", "n_runs", "n_completed",
                                     "n_diverged", "final_test_acc_mean", "final_test_acc_std", "final_test_acc_ci95",
                                     "best_epoch_test_acc_mean", *REFS.values()])
-table.to_csv(snakemake.output.csv, index=False, float_format="%.4f", lineterminator="\n")
+msr_io.atomic_write(snakemake.output.csv,  # a killed job never leaves half a table
+                    lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f", lineterminator="\n"))
 
 
 # %%
@@ -89,11 +91,9 @@ NOTES = [
     "He et al. 2016, Table 6 (ResNet-110: mean of 5 runs, best 93.57); "
     "Idelbayev, github.com/akamaster/pytorch_resnet_cifar10.",
 ]
-with open(snakemake.output.md, "w") as f:
-    f.write("**Table 1 - main ablation.**\n\n" + report.to_markdown(display("±"), notes=NOTES))
-with open(snakemake.output.tex, "w") as f:
-    f.write(report.to_latex(display("±"), caption="Main ablation: final-epoch test accuracy (%).",
-                         label="tab:ablation", notes=NOTES))
+msr_io.write_text(snakemake.output.md, "**Table 1 - main ablation.**\n\n" + report.to_markdown(display("±"), notes=NOTES))
+msr_io.write_text(snakemake.output.tex, report.to_latex(display("±"), caption="Main ablation: final-epoch test accuracy (%).",
+                                                        label="tab:ablation", notes=NOTES))
 report.write_provenance(snakemake.output.provenance, "tab1_ablation", base["run_id"],
                      [snakemake.output.csv, snakemake.output.md, snakemake.output.tex], [snakemake.input.runs])
 table  # noqa: B018 - shown when run in Jupyter

@@ -29,6 +29,7 @@
 import pandas as pd
 
 from msr import aggregate as agg
+from msr import io as msr_io
 from msr import report
 
 try:
@@ -64,7 +65,8 @@ for (dataset, _, _, arch, variant), g in groups:
 table = pd.DataFrame(rows, columns=["dataset", "arch", "variant", "n_runs", "n_timed", "step_ms_mean", "step_ms_std",
                                     "images_per_s_mean", "images_per_s_std", "peak_memory_mb_mean",
                                     "peak_memory_mb_std", "memory", "n_params", "batch_size", "threads", "device"])
-table.to_csv(snakemake.output.csv, index=False, float_format="%.4f", lineterminator="\n")
+msr_io.atomic_write(snakemake.output.csv,  # a killed job never leaves half a table
+                    lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f", lineterminator="\n"))
 
 
 # %%
@@ -84,11 +86,9 @@ display = pd.DataFrame({
 })
 NOTES = ["Mean ± std over seeds. Peak memory: cuda_max_allocated on a GPU; process_max_rss "
          "(whole process, torch included) on a CPU."]
-with open(snakemake.output.md, "w") as f:
-    f.write("**Table 2 - cost per variant.**\n\n" + report.to_markdown(display, notes=NOTES))
-with open(snakemake.output.tex, "w") as f:
-    f.write(report.to_latex(display, caption="Cost per variant: time per step, throughput, peak memory.",
-                         label="tab:cost", notes=NOTES))
+msr_io.write_text(snakemake.output.md, "**Table 2 - cost per variant.**\n\n" + report.to_markdown(display, notes=NOTES))
+msr_io.write_text(snakemake.output.tex, report.to_latex(display, caption="Cost per variant: time per step, throughput, peak memory.",
+                                                        label="tab:cost", notes=NOTES))
 report.write_provenance(snakemake.output.provenance, "tab2_cost", base["run_id"],
                      [snakemake.output.csv, snakemake.output.md, snakemake.output.tex], [snakemake.input.runs])
 display  # noqa: B018 - shown when run in Jupyter
