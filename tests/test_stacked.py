@@ -8,12 +8,14 @@ number for number too. Float tolerance only: grouped convolutions sum in another
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from msr.stacked import StackedSeeds
-from msr.variants import VARIANTS, build
+from msr.variants import VARIANTS, VariantSpec, build
 
 K, B, STEPS, SIZE, DEPTH = 3, 8, 20, 8, 8
 SEEDS = [0, 1, 2]
@@ -36,9 +38,9 @@ def _data(steps: int = STEPS):
     return xs, ys
 
 
-def _eager_run(variant: str, seed: int, xs, ys):
+def _eager_run(variant: str, seed: int, xs, ys, overrides: dict):
     torch.manual_seed(seed)
-    v = build(variant, depth=DEPTH, num_classes=10, in_channels=3)
+    v = build(variant, depth=DEPTH, num_classes=10, in_channels=3, **overrides)
     opt = torch.optim.SGD(v.param_groups(), momentum=0.9)
     losses = []
     for x, y in zip(xs, ys, strict=True):
@@ -53,20 +55,26 @@ def _eager_run(variant: str, seed: int, xs, ys):
 
 def _variants_to_check():
     out = []
-    for name in ("msr", "msr_noise", "bn", "nf_ws"):
-        marks = [] if name in VARIANTS else [pytest.mark.skip(reason=f"{name} is not registered yet")]
-        out.append(pytest.param(name, marks=marks))
+    # msr_noise: noise drawn per model; bn: per-model batch statistics; nf_ws: a peer's net
+    # (weight-standardized convs); msr + AGC: a hook that runs model by model on views
+    agc = "agc" in {f.name for f in dataclasses.fields(VariantSpec)}
+    for name, overrides, known in [
+        ("msr", {}, True), ("msr_noise", {}, True), ("bn", {}, True),
+        ("nf_ws", {}, "nf_ws" in VARIANTS), ("msr", {"agc": 0.01}, agc),
+    ]:
+        marks = [] if known else [pytest.mark.skip(reason=f"{name} {overrides} is not in the registry yet")]
+        out.append(pytest.param(name, overrides, marks=marks, id=name + "".join(f"-{k}" for k in overrides)))
     return out
 
 
-@pytest.mark.parametrize("variant", _variants_to_check())
-def test_stacked_seeds_match_separate_runs(variant):
+@pytest.mark.parametrize(("variant", "overrides"), _variants_to_check())
+def test_stacked_seeds_match_separate_runs(variant, overrides):
     xs, ys = _data()
-    stacked = StackedSeeds(variant, SEEDS, depth=DEPTH, num_classes=10, in_channels=3)
+    stacked = StackedSeeds(variant, SEEDS, depth=DEPTH, num_classes=10, in_channels=3, overrides=overrides)
     stacked_losses = torch.stack([stacked.step(xs[t], ys[t])[1] for t in range(STEPS)])  # (STEPS, K)
     assert torch.isfinite(stacked_losses).all()
     for i, seed in enumerate(SEEDS):
-        state, losses = _eager_run(variant, seed, xs[:, i], ys[:, i])
+        state, losses = _eager_run(variant, seed, xs[:, i], ys[:, i], overrides)
         torch.testing.assert_close(stacked_losses[:, i], torch.tensor(losses), rtol=1e-4, atol=1e-5)
         mine = stacked.models[i].state_dict()  # model i's own modules are views of the stack
         assert mine.keys() == state.keys()
