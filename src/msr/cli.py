@@ -201,7 +201,7 @@ FORWARDED = {
     "aggregate": ("msr.aggregate", "collect run directories into tidy tables"),
     "manifest": ("msr.manifest", "write figures/<set>/MANIFEST.json"),
     "verify": ("msr.verify", "check a figure set against its MANIFEST.json (hashes, runs, config)"),
-    "bench": ("msr.bench", "benchmark a training step against a conventional DataLoader loop"),
+    "bench": ("msr.bench", "compare training-step speed: eager, compile, CUDA graph, K processes, K stacked seeds"),
     "prefork": ("msr.prefork", "run a command (snakemake) whose `msr train` jobs skip torch's import"),
 }
 
