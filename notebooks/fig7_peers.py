@@ -51,8 +51,7 @@ from msr import claims, report
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("fig7_peers", variants=list(report.VARIANT_ORDER)
-                                            + ["wn", "fixup", "skipinit", "nf_ws", "bn_preact", "msr_rs"])
+    snakemake = report.standalone_snakemake("fig7_peers", variants=list(report.VARIANT_ORDER))
 
 report.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
