@@ -70,6 +70,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-delta", dest="noise_delta", type=float, help="noise magnitude d (turns noise on for any variant)")
     p.add_argument("--data-root", dest="data_root")
     p.add_argument("--image-size", dest="image_size", type=int, help="digits: 8, 16 (default) or 32")
+    p.add_argument("--train-subset", dest="train_subset", type=int, metavar="N",
+                   help="train on a fixed class-stratified subset of N training images (the test set stays whole)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])

@@ -106,6 +106,9 @@ class RunConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # any VariantSpec field
     data_root: str = "data"
     image_size: int | None = None  # digits: 8/16/32 (default 16); CIFAR: native 32
+    # train on a fixed class-stratified subset of this many training images (None: all); the
+    # same subset for every run and seed (msr.data.stratified_subset); the test set stays whole
+    train_subset: int | None = None
     momentum: float = 0.9
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where lr *= gamma
     gamma: float = 0.1
@@ -163,6 +166,8 @@ class RunConfig:
         need(self.noise_delta is None or (is_num(self.noise_delta) and 0 <= self.noise_delta <= 1), "noise_delta", "must be in [0, 1]")
         need(isinstance(self.overrides, dict), "overrides", "must be a mapping of variant fields")
         need(self.image_size is None or (is_int(self.image_size) and self.image_size >= 4), "image_size", "must be an integer >= 4")
+        need(self.train_subset is None or (is_int(self.train_subset) and self.train_subset >= 1),
+             "train_subset", "must be an integer >= 1 (a number of training images) or null")
         need(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(all(is_num(m) and 0 < m <= 1 for m in self.milestones), "milestones", "must be fractions of the run in (0, 1]")
         need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
@@ -240,6 +245,14 @@ class Run:
             torch.backends.cudnn.benchmark = True
 
         ds = msr_data.load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+        if cfg.train_subset is not None:
+            if cfg.train_subset > len(ds.train_y):
+                raise ConfigError(f"train_subset={cfg.train_subset}: {cfg.dataset} has only "
+                                  f"{len(ds.train_y)} training images")
+            # normalization keeps the full training set's statistics: the subset changes how
+            # much the model sees, not how its input is scaled
+            keep = msr_data.stratified_subset(ds.train_y, cfg.train_subset)
+            ds = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
         self.dataset = ds
         torch.manual_seed(cfg.seed)  # the model's init is the first (and only) use of the global RNG before training
         self.variant: Variant = build(
@@ -437,7 +450,7 @@ class Run:
 
 # the config fields that define a run's results: a directory holds one value of each
 RESULT_KEYS = ("dataset", "arch", "variant", "epochs", "seed", "lr", "batch_size", "noise_delta", "image_size",
-               "overrides", "milestones", "gamma", "momentum")
+               "train_subset", "overrides", "milestones", "gamma", "momentum")
 
 
 def _requested(cfg: RunConfig) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from msr.data import cache, cifar, digits, fashion_mnist, synthetic
-from msr.data.base import Dataset, DatasetError, DatasetSpec
+from msr.data.base import Dataset, DatasetError, DatasetSpec, stratified_subset
 from msr.data.cifar import IMAGENET_MEAN, IMAGENET_STD, write_cifar_batches
 from msr.data.digits import DIGITS_IMAGE_SIZES, DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
 from msr.data.loader import DeviceLoader, normalize
@@ -51,6 +51,7 @@ __all__ = [
     "normalize",
     "prepare",
     "sources",
+    "stratified_subset",
     "write_cifar_batches",
 ]
 

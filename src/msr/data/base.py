@@ -164,3 +164,33 @@ def train_stats_pipeline(
 def derive_seed(*keys: int) -> int:
     """A 64-bit seed mixed from several integers (numpy's SeedSequence, well-mixed streams)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0])
+
+
+SUBSET_SEED = 0  # one fixed subset for every run and seed: runs differ only by their own seed
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = SUBSET_SEED) -> torch.Tensor:
+    """Indices of a fixed, class-stratified subset of ``n`` training samples.
+
+    Each class gets ``n`` times its share of the data (largest remainders break ties, so the
+    counts add up to ``n``), its members drawn in the order of one seeded permutation. The
+    indices come back in that permutation's order, so any prefix of the subset (the clean-train
+    and probe batches take the first images) is itself roughly class-balanced.
+    """
+    total = len(labels)
+    if not 1 <= n <= total:
+        raise ValueError(f"a subset of {n} images: must be between 1 and the {total} training images")
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * n / total
+    quota = exact.floor().long()
+    short = n - int(quota.sum())
+    quota[torch.argsort(exact - quota, descending=True, stable=True)[:short]] += 1
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    ranked = labels[order]
+    rank = torch.zeros(total, dtype=torch.long)  # rank of each permuted sample within its class
+    for c in classes:
+        members = ranked == c
+        rank[members] = torch.arange(int(members.sum()))
+    limit = quota[torch.searchsorted(classes, ranked)]
+    return order[rank < limit]
+
