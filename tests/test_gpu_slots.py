@@ -223,3 +223,9 @@ def test_msr_train_gpu_slots_with_cpu_device_claims_nothing(tmp_path):
     assert not (tmp_path / "locks").exists()
     bad = _msr_train(tmp_path, "--gpu-slots", "-1", "--device", "cuda")
     assert bad.returncode == 2 and "--gpu-slots must be an integer >= 0" in bad.stderr
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_named_error(tmp_path):
+    (tmp_path / "gpu0.slot0.lock").mkdir()  # unopenable for writing, even by root (unlike a chmod)
+    with pytest.raises(gpu.GpuSlotError, match="cannot open the GPU lock file .*gpu0.slot0.lock"):
+        gpu.claim_gpu_slot(1, ids=["0"], lock_dir=tmp_path, set_env=False, timeout_s=1)

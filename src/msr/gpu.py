@@ -25,8 +25,9 @@ Settings (environment)
   GPU ``nvidia-smi`` lists, otherwise (no ``nvidia-smi``) the count a short subprocess gets from
   ``torch.cuda.device_count()`` - never this process, whose CUDA must stay uninitialized.
 - ``MSR_GPU_LOCK_DIR``: the lock folder. Default: ``<system temp dir>/msr-gpu-locks-<uid>``, so
-  one user's jobs coordinate with each other. Point several users (or several nodes sharing a
-  GPU box) at one folder to make them coordinate too; flock needs a local filesystem.
+  one user's jobs coordinate with each other. Several users can share one folder if it and its
+  files are writable by all of them (group-writable folder, umask 002). flock needs a local
+  filesystem (not every network filesystem honours it).
 
 The lease is process-wide by nature (``CUDA_VISIBLE_DEVICES`` is process-wide), so the held file
 is kept in a module-level list for the life of the process. Its descriptor is not inherited by
@@ -164,9 +165,16 @@ def _lock_name(gpu_id: str, slot: int) -> str:
     return f"gpu{gpu_id}.slot{slot}.lock"
 
 
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    except OSError as e:
+        raise GpuSlotError(f"cannot open the GPU lock file {path}: {e.strerror} (is {ENV_LOCK_DIR} writable by every user of it?)") from None
+
+
 def _try_lock(path: Path) -> int | None:
     """An fd holding an exclusive flock on ``path``, or None if another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -180,7 +188,7 @@ def _try_lock(path: Path) -> int | None:
 
 def _try_claim_once(ids: list[str], slots_per_gpu: int, lock_dir: Path) -> GpuSlot | None:
     """One pass under the claim lock: the free slot on the least-loaded GPU, or None."""
-    guard = os.open(lock_dir / "claim.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    guard = _open_lock_file(lock_dir / "claim.lock")
     acquired: dict[tuple[int, int], int] = {}  # (gpu index, slot) -> fd
     try:
         fcntl.flock(guard, fcntl.LOCK_EX)  # held for microseconds; released by close below
