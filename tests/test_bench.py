@@ -40,6 +40,7 @@ def test_table_has_a_row_for_every_method_and_says_why_one_did_not_run(tmp_path,
     assert rows["eager"]["timing"] == "perf_counter"
     assert rows["cuda_graph"]["status"] == "not available on cpu"
     assert rows["compile_cudagraphs"]["status"] == "not available on cpu"
+    assert rows["stacked_graph"]["status"] == "not available on cpu" and rows["stacked_graph"]["models"] == 2
     assert rows["compile"]["status"] == "skipped" and "--compile-on-cpu" in rows["compile"]["note"]
     env = result["environment"]
     assert env["device"] == "cpu" and env["k"] == 2 and env["batch_size"] == 8 and env["torch"] == torch.__version__
@@ -157,11 +158,48 @@ def test_cuda_graph_step_trains_like_the_eager_step(variant):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("variant", ["msr", "bn"])
+def test_captured_stacked_step_trains_like_the_stacked_step(variant):
+    from msr.stacked import StackedSeeds
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(8, 2, 64, 3, 32, 32, generator=g).to(device)
+    ys = torch.randint(0, 10, (8, 2, 64), generator=g).to(device)
+
+    def make():
+        return StackedSeeds(variant, [0, 1], depth=8, device=device, noise_rng="shared")
+
+    plain = make()
+    for t in range(8):
+        plain.step(xs[t], ys[t])
+    captured = make()
+    static_x, static_y = xs[0].clone(), ys[0].clone()
+    feed = iter(range(8))
+
+    def load():
+        t = next(feed)
+        static_x.copy_(xs[t])
+        static_y.copy_(ys[t])
+
+    graph, _ = bench.capture_step(lambda: captured.step(static_x, static_y), load,
+                                  lambda: captured.optimizer.zero_grad(set_to_none=True), warmup=3)
+    for _ in range(5):
+        load()
+        graph.replay()
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert _rel_diff(captured.models[i].state_dict(), plain.models[i].state_dict()) < 1e-3
+
+
+@pytest.mark.gpu
+@cuda
 def test_table_on_cuda_fills_every_row(tmp_path):
     out = tmp_path / "cuda.json"
     args = ["--arch", "resnet8", "--variant", "msr_noise", "--batch-size", "32", "--steps", "2", "--warmup", "2", "--repeats", "1",
-            "--methods", "eager,cuda_graph,processes,stacked", "--k", "2", "--device", "cuda", "--json", str(out)]
+            "--methods", "eager,cuda_graph,processes,stacked,stacked_graph", "--k", "2", "--device", "cuda", "--json", str(out)]
     assert bench_main(args) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["status"]) for r in rows] == [(m, "ok") for m in ("eager", "cuda_graph", "processes", "stacked")]
+    methods = ("eager", "cuda_graph", "processes", "stacked", "stacked_graph")
+    assert [(r["method"], r["status"]) for r in rows] == [(m, "ok") for m in methods]
     assert all(r["timing"] == "cuda events" for r in rows if r["method"] != "processes")

@@ -129,14 +129,14 @@ export -f env_info compare_digits
 step env 30 5 env_info
 step gpu_tests 150 20 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors "${GPU_TESTS[@]}" --junitxml="$OUT/gpu_tests.xml"
 step bench_a 150 40 "$PY" -m msr bench --device "$BENCH_DEV" --arch "$ARCH_A" --variant "$VARIANTS" \
-    --methods eager,cuda_graph,processes,stacked "${BENCH[@]}" --json "$OUT/bench_a.json"
+    --methods eager,cuda_graph,processes,stacked,stacked_graph "${BENCH[@]}" --json "$OUT/bench_a.json"
 step digits_cuda 90 20 "$PY" -m msr train --dataset digits --variant msr --seed 0 --device cuda "${DIGITS[@]}" \
     --data-root "$WORK/data" --out "$OUT/digits/cuda" --progress lines
 step digits_cpu 90 20 "$PY" -m msr train --dataset digits --variant msr --seed 0 --device cpu "${DIGITS[@]}" \
     --data-root "$WORK/data" --out "$OUT/digits/cpu" --progress lines
 step digits_compare 20 5 compare_digits
 step bench_b 180 40 "$PY" -m msr bench --device "$BENCH_DEV" --arch "$ARCH_B" --variant "$VARIANTS" \
-    --methods eager,cuda_graph,processes,stacked "${BENCH[@]}" --json "$OUT/bench_b.json"
+    --methods eager,cuda_graph,processes,stacked,stacked_graph "${BENCH[@]}" --json "$OUT/bench_b.json"
 step train_tests 120 30 "$PY" -m pytest -q -rs -p no:cacheprovider "${TRAIN_TESTS[@]}" --junitxml="$OUT/train_tests.xml"
 step bench_compile 200 60 "$PY" -m msr bench --device "$BENCH_DEV" --arch "$ARCH_A" --variant msr_noise \
     --methods eager,compile,compile_cudagraphs "${BENCH[@]}" --json "$OUT/bench_compile.json"

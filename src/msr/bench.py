@@ -15,7 +15,9 @@ Two reports.
 - ``processes``: K runs at once as K processes (the same eager step, each its own seed and
   data), started together after their warm-up; images/s is all K together, over the wall time
   from the first start to the last end;
-- ``stacked``: K seeds of the variant stacked in one process (``msr.stacked``).
+- ``stacked``: K seeds of the variant stacked in one process (``msr.stacked``);
+- ``stacked_graph``: that stacked step captured as one CUDA graph (noise from the default
+  generator, ``noise_rng="shared"``, the graph-safe one); CUDA only.
 Times exclude warm-up (and compilation); CUDA events time the GPU, ``perf_counter`` the CPU.
 A method that cannot run says why in its row (``not available on cpu``, ``skipped: ...``,
 ``failed: ...``): no row is ever silently missing. ``--json PATH`` writes the table after each
@@ -289,8 +291,8 @@ def format_data_path(r: dict) -> str:
 
 
 # =========================================================================== comparison table
-METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "stacked")
-CUDA_ONLY = ("compile_cudagraphs", "cuda_graph")
+METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "stacked", "stacked_graph")
+CUDA_ONLY = ("compile_cudagraphs", "cuda_graph", "stacked_graph")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
 
@@ -342,6 +344,25 @@ def time_windows(step: Callable[[], None], device: torch.device, steps: int, war
     return out, warm_s
 
 
+def capture_step(body: Callable[[], object], load_next: Callable[[], None], zero_grad: Callable[[], None], warmup: int = 3):
+    """(graph, body's output): ``warmup`` real steps on a side stream (cuDNN autotune, lazily made
+    optimizer state), then ``body`` captured once. Grads are set to None first, so the capture's
+    backward allocates the gradient tensors every replay refills (not accumulates into)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            load_next()
+            zero_grad()
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    zero_grad()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph, out
+
+
 class GraphStepper:
     """The whole training step as one CUDA graph (PyTorch's "whole-network capture" recipe).
 
@@ -378,18 +399,9 @@ class GraphStepper:
         return loss.detach()
 
     def capture(self, batches: Iterator, warmup: int = 3) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (cuDNN autotune, lazy state)
-            for _ in range(warmup):
-                self.load(*next(batches))
-                self.opt.zero_grad(set_to_none=True)
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.opt.zero_grad(set_to_none=True)  # the capture's backward allocates the grads replays refill
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self._body()
+        self.graph, self.static_loss = capture_step(
+            self._body, lambda: self.load(*next(batches)), lambda: self.opt.zero_grad(set_to_none=True), warmup
+        )
 
     def load(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.static_x.copy_(x)
@@ -448,21 +460,42 @@ def bench_single(args, arch: str, variant: str, method: str, device: torch.devic
     return _timed_row(arch, variant, method, 1, args.batch_size, windows, warm_s, _timing_name(device), note)
 
 
-def bench_stacked(args, arch: str, variant: str, device: torch.device, amp_dtype) -> dict:
+def bench_stacked(args, arch: str, variant: str, device: torch.device, amp_dtype, graph: bool = False) -> dict:
     from msr.stacked import StackedSeeds
 
     k = args.k
+    noise = "shared" if graph else args.stacked_noise
     stacked = StackedSeeds(variant, list(range(k)), depth=parse_arch(arch), num_classes=NUM_CLASSES,
-                           in_channels=IMAGE_SHAPE[0], device=device, amp_dtype=amp_dtype, noise_rng=args.stacked_noise)
+                           in_channels=IMAGE_SHAPE[0], device=device, amp_dtype=amp_dtype, noise_rng=noise)
     loaders = [synthetic_loader(args.n_train, args.batch_size, i, device, False) for i in range(k)]
+    xs = torch.empty((k, args.batch_size, *IMAGE_SHAPE), device=device)
+    ys = torch.empty((k, args.batch_size), dtype=torch.long, device=device)
 
-    def step() -> None:
-        xs, ys = zip(*(next(it) for it in loaders), strict=True)
-        stacked.step(torch.stack(xs), torch.stack(ys))
+    def load() -> None:
+        bx, by = zip(*(next(it) for it in loaders), strict=True)
+        torch.stack(bx, out=xs)
+        torch.stack(by, out=ys)
+
+    note = f"{k} seeds, vmap; noise {noise}; contiguous (not channels_last)"
+    if not graph:
+        def step() -> None:
+            load()
+            stacked.step(xs, ys)
+    else:
+        # as GraphStepper: lr as device tensors, warm-up on a side stream, then one capture
+        for group in stacked.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        t0 = time.perf_counter()
+        cuda_graph, _ = capture_step(lambda: stacked.step(xs, ys), load, lambda: stacked.optimizer.zero_grad(set_to_none=True))
+        note += f"; captured after 3 eager steps in {time.perf_counter() - t0:.1f} s"
+
+        def step() -> None:
+            load()
+            cuda_graph.replay()
 
     windows, warm_s = time_windows(step, device, args.steps, args.warmup, args.repeats)
-    return _timed_row(arch, variant, "stacked", k, args.batch_size, windows, warm_s, _timing_name(device),
-                      f"{k} seeds, vmap; noise {args.stacked_noise}; contiguous (not channels_last)")
+    return _timed_row(arch, variant, "stacked_graph" if graph else "stacked", k, args.batch_size, windows, warm_s,
+                      _timing_name(device), note)
 
 
 # ---- K processes
@@ -555,17 +588,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def bench_method(args, arch: str, variant: str, method: str, device: torch.device, amp_dtype) -> dict:
+    models = args.k if method in ("processes", "stacked", "stacked_graph") else 1
     if method in CUDA_ONLY and device.type != "cuda":
-        return _row(arch, variant, method, 1, status="not available on cpu", note="needs CUDA")
-    if method in ("compile",) and device.type == "cpu" and not args.compile_on_cpu:
-        return _row(arch, variant, method, 1, status="skipped",
+        return _row(arch, variant, method, models, status="not available on cpu", note="needs CUDA")
+    if method == "compile" and device.type == "cpu" and not args.compile_on_cpu:
+        return _row(arch, variant, method, models, status="skipped",
                     note="on a CPU compiling costs 20-40 s and is no faster; --compile-on-cpu runs it")
-    models = args.k if method in ("processes", "stacked") else 1
     try:
         if method == "processes":
             return bench_processes(args, arch, variant, device, amp_dtype)
-        if method == "stacked":
-            return bench_stacked(args, arch, variant, device, amp_dtype)
+        if method in ("stacked", "stacked_graph"):
+            return bench_stacked(args, arch, variant, device, amp_dtype, graph=method == "stacked_graph")
         return bench_single(args, arch, variant, method, device, amp_dtype)
     except Exception as e:  # one method failing (e.g. a capture on an untried GPU) must not lose the table
         traceback.print_exc(file=sys.stderr)
@@ -652,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="resnet20", help="comma-separated, e.g. resnet20,resnet56,resnet110 (--data-path: one)")
     p.add_argument("--variant", default=None, help=f"comma-separated (default bn,msr_noise; --data-path: one, default msr_noise); of {', '.join(VARIANTS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
-    p.add_argument("--k", type=int, default=None, help="models for 'processes' and 'stacked' (default 4; on a CPU at most its cores)")
+    p.add_argument("--k", type=int, default=None, help="models for 'processes' and 'stacked*' (default 4; on a CPU at most its cores)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)

@@ -26,7 +26,9 @@ each model stays exactly what its own run would be:
   device generator seeded with ``seeds[i]`` on CUDA), site by site in forward order - so on
   CPU the stacked run reproduces the K separate runs to float tolerance
   (tests/test_stacked.py). ``"shared"`` draws every model's noise of a site in one call from
-  one generator: fewer kernels, same distribution, not equal to separate runs.
+  the device's default generator: fewer kernels, same distribution, not equal to separate
+  runs - and safe to capture in a CUDA graph, which supports the default generator (custom
+  generators need extra registration there).
 
 The data stays per model too: ``step(xs, ys)`` takes ``xs`` of shape ``(K, B, C, H, W)``, each
 model's own batch (e.g. from K ``DeviceLoader``s seeded like the K runs).
@@ -131,7 +133,6 @@ class StackedSeeds:
             self._generators.append(gen)
             v.model.to(self.device)
             self.variants.append(v)
-        self._shared_generator = torch.Generator(device=self.device).manual_seed(self.seeds[0])
         self.spec = self.variants[0].spec
         self.models = [v.model for v in self.variants]
         self._check_supported()
@@ -210,7 +211,7 @@ class StackedSeeds:
                 raise NotImplementedError("stacked seeds: a noise module runs other than once per forward")
         return self._noise_shapes[key]
 
-    def _draw(self, site: BlockInputNoise, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    def _draw(self, site: BlockInputNoise, shape: tuple, dtype: torch.dtype, gen: torch.Generator | None) -> torch.Tensor:
         # BlockInputNoise.forward's two distributions, with an explicit generator
         if site.dist == "uniform":
             return torch.empty(shape, device=self.device, dtype=dtype).uniform_(1 - site.delta, 1 + site.delta, generator=gen)
@@ -224,11 +225,13 @@ class StackedSeeds:
             # model by model, site by site in forward order: the sequence its own run draws
             per_model = [[self._draw(site, shape, dt, g) for site, shape, dt in layout] for g in self._generators]
             return [torch.stack([per_model[i][j] for i in range(self.k)]) for j in range(len(layout))]
-        return [self._draw(site, (self.k, *shape), dt, self._shared_generator) for site, shape, dt in layout]
+        return [self._draw(site, (self.k, *shape), dt, None) for site, shape, dt in layout]
 
     # ------------------------------------------------------------------ the step
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        # no weight-cast cache: each weight is cast once per forward anyway, and a cache must not
+        # outlive a CUDA-graph capture of the step
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False)
 
     def _one_model(self, params: dict, buffers: dict, noise: list, x: torch.Tensor, y: torch.Tensor):
         self._feed = iter(noise)
