@@ -1,0 +1,361 @@
+"""The grid of runs a pipeline config asks for, and the checks the config schema cannot make.
+
+workflow/rules/common.smk calls this module while Snakemake parses the workflow, so every
+problem here stops the pipeline before any job, with one line that names the config key:
+
+- :func:`check_config` - what JSON schema cannot say: list items that ``--config`` turned into
+  strings, a sweep with values but no variants (or the reverse), ``train.overrides`` that
+  msr's own variant validation rejects for a variant of the grid, a batch size larger than a
+  dataset's training set;
+- :func:`build_grid` - every run of the config (main grid, then each sweep), refusing two
+  sweep values that would share one run directory (0.8 and 0.8000001 both give ``lr0.8``).
+
+And after training, before aggregation (the pipeline's ``check_runs`` rule, and ``reset`` at
+the start of every train job), the *recorded* options of each run directory (its
+``config.json``) are compared with what the config asks for (:func:`expected_record`), so a
+config edit is noticed even when Snakemake's own metadata (``.snakemake/``) is gone or only
+modification times are compared (``--rerun-triggers mtime``).
+
+Nothing here imports torch at module level: ``python -m msr.gridcheck reset`` runs before every
+train job and must stay cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Training-set sizes (images), for the batch-size check. msr.data builds these sets but does
+# not expose their sizes without loading them; tests/test_workflow.py checks the digits and
+# synthetic entries against the loaded data.
+TRAIN_SIZES: dict[str, int] = {
+    "digits": 1437,  # sklearn digits, stratified 80/20 split (msr.data.digits)
+    "fashion_mnist": 60_000,
+    "cifar10": 50_000,
+    "cifar100": 50_000,
+    "synthetic": 1_000,  # msr.data.SYNTHETIC_DEFAULTS["n_train"]
+}
+
+SWEEP_TAGS = {"lr": "lr", "batch_size": "bs", "noise_delta": "d"}
+
+
+class GridError(ValueError):
+    """A config the pipeline cannot run; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its place in the grid and the options only it gets."""
+
+    dataset: str
+    arch: str
+    variant: str
+    tag: str  # base | lr<v> | bs<v> | d<v>
+    seed: int
+    lr: float | None = None  # None: the variant's default
+    batch_size: int = 128
+    noise_delta: float | None = None  # None: the variant's default
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.dataset, self.arch, self.variant, self.tag, str(self.seed))
+
+    @property
+    def path(self) -> str:
+        """The run directory below the set's runs folder (also the run id of runs.csv)."""
+        return f"{self.dataset}/{self.arch}/{self.variant}/{self.tag}/seed{self.seed}"
+
+
+def fmt_value(value: float) -> str:
+    """Sweep values in run tags: 0.05 -> '0.05', 1.0 -> '1', 32 -> '32'."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else format(float(value), "g")
+
+
+def _spec(variant: str, overrides: Mapping[str, Any]):
+    from msr.variants import get_spec  # torch: only where a grid is built
+
+    return get_spec(variant, **overrides)
+
+
+# ------------------------------------------------------------------------ config checks
+
+
+def _sweep_axis(cfg: Mapping[str, Any], sweep: Mapping[str, Any], axis: str) -> list:
+    return sweep[axis] if sweep.get(axis) is not None else cfg[axis]
+
+
+def check_types(cfg: Mapping[str, Any]) -> None:
+    """``--config seeds=[0,1]`` gives the strings '0' and '1' (Snakemake parses only the
+    top-level value): say so, instead of the schema's "'0' is not of type 'integer'"."""
+    lists = {"seeds": cfg.get("seeds")}
+    for name, sweep in (cfg.get("sweeps") or {}).items():
+        if isinstance(sweep, Mapping):
+            lists[f"sweeps.{name}.values"] = sweep.get("values")
+            lists[f"sweeps.{name}.seeds"] = sweep.get("seeds")
+    for key, values in lists.items():
+        if isinstance(values, list) and any(isinstance(v, str) for v in values):
+            raise GridError(
+                f"config {key}={values!r}: the items are strings, not numbers (`--config` passes "
+                f"list items as text); put the list in a YAML file and pass it with --configfile"
+            )
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Everything the schema cannot check; run after schema validation (defaults filled in)."""
+    train = cfg["train"]
+    grid_variants = dict.fromkeys(cfg["variants"])
+    for name, sweep in cfg["sweeps"].items():
+        if bool(sweep["variants"]) != bool(sweep["values"]):
+            has, lacks = ("values", "variants") if sweep["values"] else ("variants", "values")
+            raise GridError(f"config sweeps.{name}: has {has} but no {lacks}; give both, or neither to skip the sweep")
+        grid_variants.update(dict.fromkeys(sweep["variants"]))
+
+    overrides = dict(train["overrides"])
+    for variant in grid_variants:
+        try:
+            _spec(variant, overrides)
+        except (ValueError, TypeError) as err:
+            raise GridError(f"config train.overrides={overrides!r}: {err}") from None
+
+    subset = train.get("train_subset")
+
+    def check_batch(key: str, batch: int, datasets: Sequence[str]) -> None:
+        for dataset in datasets:
+            n = min(TRAIN_SIZES[dataset], subset or math.inf) if dataset in TRAIN_SIZES else None
+            if n is not None and batch > n:
+                raise GridError(
+                    f"config {key}: batch size {batch} is larger than the training set of {dataset} "
+                    f"({n} images{', train.train_subset' if subset and subset < TRAIN_SIZES[dataset] else ''})"
+                )
+
+    check_batch("train.batch_size", train["batch_size"], cfg["datasets"])
+    for name, sweep in cfg["sweeps"].items():
+        datasets = _sweep_axis(cfg, sweep, "datasets")
+        if sweep["variants"]:
+            check_batch("train.batch_size", train["batch_size"], datasets)
+        if name == "batch_size":
+            for value in sweep["values"]:
+                check_batch("sweeps.batch_size.values", int(value), datasets)
+
+
+# ------------------------------------------------------------------------------ the grid
+
+
+def build_grid(cfg: Mapping[str, Any]) -> dict[tuple, Run]:
+    """Every run of the config, in a stable order: the main grid, then each sweep.
+
+    A sweep point that is exactly a run of the main grid (same dataset, arch, variant, seed and
+    the same resolved value) is not trained twice: the figures take it from the main grid.
+    """
+    train = cfg["train"]
+    overrides = dict(train["overrides"])
+    runs: dict[tuple, Run] = {}
+
+    def base_lr(variant: str) -> float:
+        return train["lr"] if train["lr"] is not None else _spec(variant, overrides).lr
+
+    def base_noise(variant: str) -> float:
+        """train.noise_delta changes the noisy variants only (a variant without noise keeps none)."""
+        own = _spec(variant, overrides).noise_delta
+        return train["noise_delta"] if train["noise_delta"] is not None and own > 0 else own
+
+    def base(variant: str) -> dict[str, Any]:
+        noisy = train["noise_delta"] is not None and _spec(variant, overrides).noise_delta > 0
+        return dict(lr=train["lr"], batch_size=train["batch_size"], noise_delta=train["noise_delta"] if noisy else None)
+
+    for dataset in cfg["datasets"]:
+        for arch in cfg["archs"]:
+            for variant in cfg["variants"]:
+                for seed in cfg["seeds"]:
+                    run = Run(dataset, arch, variant, "base", seed, **base(variant))
+                    runs[run.key] = run
+
+    def in_main(d: str, a: str, v: str, s: int) -> bool:
+        return d in cfg["datasets"] and a in cfg["archs"] and v in cfg["variants"] and s in cfg["seeds"]
+
+    for name, sweep in cfg["sweeps"].items():
+        tags: dict[str, float] = {}
+        for value in sweep["values"]:
+            tag = SWEEP_TAGS[name] + fmt_value(int(value) if name == "batch_size" else value)
+            if tag in tags:
+                raise GridError(
+                    f"config sweeps.{name}.values: {tags[tag]!r} and {value!r} give the same run tag "
+                    f"{tag!r} (tags keep 6 significant digits); keep one of them"
+                )
+            tags[tag] = value
+        for dataset in _sweep_axis(cfg, sweep, "datasets"):
+            for arch in _sweep_axis(cfg, sweep, "archs"):
+                for variant in sweep["variants"]:
+                    for tag, value in tags.items():
+                        for seed in _sweep_axis(cfg, sweep, "seeds"):
+                            opts = base(variant)
+                            if name == "lr":
+                                same = value == base_lr(variant)
+                                opts["lr"] = float(value)
+                            elif name == "batch_size":
+                                value = int(value)
+                                same = value == train["batch_size"]
+                                opts["batch_size"] = value
+                                ratio = value / train["batch_size"]
+                                scale = {"none": None, "linear": ratio, "sqrt": math.sqrt(ratio)}[sweep["lr_scaling"]]
+                                if scale is not None:
+                                    opts["lr"] = round(base_lr(variant) * scale, 10)
+                            else:
+                                same = value == base_noise(variant)
+                                opts["noise_delta"] = float(value)
+                            if same and in_main(dataset, arch, variant, seed):
+                                continue
+                            run = Run(dataset, arch, variant, tag, seed, **opts)
+                            runs.setdefault(run.key, run)
+    return runs
+
+
+# ----------------------------------------------------- recorded options vs the config's
+
+
+def expected_record(run: Run, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``msr train`` records in the run's config.json when trained from this config,
+    resolved as msr resolves them (a variant's own lr/noise when the config leaves them unset).
+
+    Only what decides the result: not the device, threads or probe interval. ``precision`` and
+    ``image_size`` are compared only when the config sets them (``auto``/null resolve inside
+    msr by device and dataset).
+    """
+    train = cfg["train"]
+    overrides = dict(train["overrides"])
+    spec = _spec(run.variant, {**overrides, **({} if run.noise_delta is None else {"noise_delta": run.noise_delta})})
+    record: dict[str, Any] = {
+        "dataset": run.dataset, "arch": run.arch, "variant": run.variant, "seed": run.seed,
+        "epochs": train["epochs"], "batch_size": run.batch_size,
+        "lr": run.lr if run.lr is not None else spec.lr,
+        "noise_delta": spec.noise_delta,
+        "overrides": overrides,
+    }
+    if train["image_size"] is not None:
+        record["image_size"] = train["image_size"]
+    if train.get("precision", "auto") != "auto":
+        record["precision"] = train["precision"]
+    if train.get("train_subset") is not None:
+        record["train_subset"] = train["train_subset"]
+    return record
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def differences(expected: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """``key: recorded -> expected`` for every expected option the record does not match."""
+    return [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in expected.items()
+            if not _same(recorded.get(key), value)]
+
+
+def read_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's config.json, or None when there is none yet; a damaged one is an error
+    naming the file (msr train writes it atomically, so only outside hands damage it)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GridError(f"{path} is not valid JSON ({err.msg}); delete the run directory {run_dir} to retrain it") from None
+    if not isinstance(record, dict):
+        raise GridError(f"{path} does not hold a JSON object; delete the run directory {run_dir} to retrain it")
+    return record
+
+
+def find_stale(runs_root: str | Path, expected: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Run path -> differences, for every run directory whose config.json disagrees with
+    ``expected`` (run path -> :func:`expected_record`). A missing config.json counts as stale:
+    a summary without the options it was trained with cannot be trusted."""
+    stale = {}
+    for path, want in expected.items():
+        record = read_record(Path(runs_root) / path)
+        diff = ["config.json is missing"] if record is None else differences(want, record)
+        if diff:
+            stale[path] = diff
+    return stale
+
+
+def check_runs(runs_root: str | Path, expected: Mapping[str, Mapping[str, Any]], out: str | Path,
+               log: str | Path | None = None, command: str = "make run") -> None:
+    """The pipeline's gate before aggregation: every run was trained with the options the config
+    gives. Stale runs lose their summary.json (so the next pipeline run retrains them) and the
+    check fails naming them (also in ``log``); else ``out`` records the checked options."""
+    from msr import io as msr_io
+
+    try:
+        stale = find_stale(runs_root, expected)
+    except GridError as err:
+        _log(log, str(err))
+        raise
+    if stale:
+        for path in stale:
+            (Path(runs_root) / path / "summary.json").unlink(missing_ok=True)
+        shown = "; ".join(f"{p} ({', '.join(d)})" for p, d in list(stale.items())[:5])
+        more = f"; and {len(stale) - 5} more" if len(stale) > 5 else ""
+        message = (
+            f"{len(stale)} run(s) under {runs_root} were trained with other options than the config gives "
+            f"(a config edit that Snakemake's metadata did not record): {shown}{more}. Their summary.json "
+            f"files were removed so they are retrained: rerun the same command (e.g. `{command}`)"
+        )
+        _log(log, message + "\n" + "\n".join(f"stale: {p}: {', '.join(d)}" for p, d in stale.items()))
+        raise GridError(message)
+    _log(log, f"{len(expected)} run(s) under {runs_root} match the config")
+    msr_io.write_json(Path(out), {"runs": {p: dict(r) for p, r in expected.items()}})
+    for old in Path(out).parent.glob("runs-*.json"):
+        if old.name != Path(out).name:
+            old.unlink(missing_ok=True)  # the check of an earlier config: outdated
+
+
+def _log(path: str | Path | None, text: str) -> None:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+
+
+def reset(run_dir: str | Path, expected: Mapping[str, Any], log=print) -> bool:
+    """Before a train job: clear ``run_dir`` when its config.json was written for other options
+    (msr train refuses to mix two configs in one directory; the job is retraining this run
+    because its options changed). Returns whether it cleared anything."""
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    if record is None:
+        return False
+    diff = differences(expected, record)
+    if not diff:
+        return False
+    log(f"{run_dir}: options changed ({', '.join(diff)}); starting this run over")
+    shutil.rmtree(run_dir)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m msr.gridcheck", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("reset", help="clear a run directory trained with other options (before a train job)")
+    p.add_argument("run_dir")
+    p.add_argument("expected", help="the options as JSON (expected_record)")
+    args = parser.parse_args(argv)
+    try:
+        reset(args.run_dir, json.loads(args.expected))
+    except (GridError, OSError) as err:
+        print(f"msr.gridcheck reset: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

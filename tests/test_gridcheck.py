@@ -1,0 +1,188 @@
+"""msr.gridcheck: the config checks the schema cannot make (each error names the key), the grid
+of runs, and the comparison of a run directory's recorded options with the config's - which
+must agree exactly with what `msr train` records, or the pipeline would retrain forever.
+
+The same checks are exercised through Snakemake (before any job) in tests/test_workflow.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from msr import gridcheck
+from msr.gridcheck import GridError, Run
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = (REPO / "workflow/schemas/config.schema.yaml").as_posix()
+
+
+def merged(*overlays: dict) -> dict:
+    """default.yaml with overlays deep-merged (as Snakemake does), validated, defaults filled."""
+
+    def merge(base, over):
+        out = copy.deepcopy(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    cfg = yaml.safe_load((REPO / "workflow/config/default.yaml").read_text())
+    for overlay in overlays:
+        cfg = merge(cfg, overlay)
+    validate(cfg, SCHEMA)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "paper.yaml", "fashion.yaml", "fashion-cpu.yaml", "smoke.yaml"])
+def test_shipped_configs_pass(name):
+    overlay = {} if name == "default.yaml" else yaml.safe_load((REPO / "workflow/config" / name).read_text())
+    cfg = merged(overlay)
+    gridcheck.check_config(cfg)
+    assert gridcheck.build_grid(cfg)
+
+
+@pytest.mark.parametrize("overlay, named", [
+    ({"train": {"batch_size": 2000}}, "config train.batch_size: batch size 2000 is larger than the training set of digits (1437 images)"),
+    ({"sweeps": {"batch_size": {"values": [8, 4096]}}}, "config sweeps.batch_size.values: batch size 4096 is larger than the training set of digits"),
+    ({"datasets": ["fashion_mnist"], "train": {"train_subset": 1000, "batch_size": 128},
+      "sweeps": {"batch_size": {"values": [2048]}}}, "batch size 2048 is larger than the training set of fashion_mnist (1000 images, train.train_subset)"),
+    ({"train": {"overrides": {"bogus": 1}}}, "config train.overrides={'bogus': 1}: unknown override(s) ['bogus']"),
+    ({"train": {"overrides": {"lam": 2.0}}}, "config train.overrides={'lam': 2.0}: variant 'bn': lam=2.0 must be a number in [0.0, 1.0]"),
+    ({"sweeps": {"lr": {"variants": []}}}, "config sweeps.lr: has values but no variants"),
+    ({"sweeps": {"noise_delta": {"values": []}}}, "config sweeps.noise_delta: has variants but no values"),
+    ({"sweeps": {"lr": {"values": [0.8, 0.8000001]}}}, "config sweeps.lr.values: 0.8 and 0.8000001 give the same run tag 'lr0.8'"),
+    ({"sweeps": {"noise_delta": {"values": [0.1, 0.1000000001]}}}, "give the same run tag 'd0.1'"),
+])
+def test_bad_configs_name_the_key(overlay, named):
+    cfg = merged(overlay)
+    with pytest.raises(GridError) as err:
+        gridcheck.check_config(cfg)
+        gridcheck.build_grid(cfg)
+    assert named in str(err.value)
+
+
+def test_overrides_are_checked_for_sweep_only_variants_too():
+    # noise is defined for bn's post-activation net, not for nf_ws's pre-activation one
+    off = {"variants": [], "values": []}
+    cfg = merged({"variants": ["bn"], "train": {"overrides": {"noise_delta": 0.1}},
+                  "sweeps": {"lr": {"variants": ["bn"]}, "batch_size": off, "noise_delta": off}})
+    gridcheck.check_config(cfg)
+    cfg["sweeps"]["lr"]["variants"] = ["nf_ws"]
+    with pytest.raises(GridError, match=r"config train.overrides=\{'noise_delta': 0.1\}: variant 'nf_ws': noise needs"):
+        gridcheck.check_config(cfg)
+
+
+def test_config_strings_from_the_command_line_are_named():
+    with pytest.raises(GridError, match=r"config seeds=\['0', '1'\]: the items are strings.*--configfile"):
+        gridcheck.check_types({"seeds": ["0", "1"]})
+    with pytest.raises(GridError, match=r"config sweeps.lr.values=\['0.1'\]"):
+        gridcheck.check_types({"seeds": [0], "sweeps": {"lr": {"values": ["0.1"]}}})
+    gridcheck.check_types({"seeds": [0, 1], "sweeps": {"lr": {"values": [0.1]}}})
+
+
+def test_train_sizes_are_the_datasets(tmp_path):
+    from msr import data
+
+    ds = data.load_dataset("digits", tmp_path, image_size=8)
+    assert len(ds.train_y) == gridcheck.TRAIN_SIZES["digits"]
+    assert data.SYNTHETIC_DEFAULTS["n_train"] == gridcheck.TRAIN_SIZES["synthetic"]
+    assert set(data.DATASETS) <= set(gridcheck.TRAIN_SIZES)
+
+
+def test_grid_reuses_sweep_points_of_the_main_grid_and_scales_lr():
+    cfg = merged({"variants": ["bn", "msr"], "seeds": [0, 1],
+                  "sweeps": {"lr": {"variants": ["msr"], "values": [0.4, 0.8], "seeds": [1, 2]},
+                             "batch_size": {"variants": ["msr"], "values": [32], "seeds": [0], "lr_scaling": "sqrt"},
+                             "noise_delta": {"variants": [], "values": []}}})
+    runs = gridcheck.build_grid(cfg)
+    paths = [r.path for r in runs.values()]
+    # msr's own lr is 0.4: seed 1 at 0.4 is the main grid's run, seed 2 is not in the main grid
+    assert "digits/resnet20/msr/lr0.4/seed1" not in paths and "digits/resnet20/msr/lr0.4/seed2" in paths
+    assert "digits/resnet20/msr/lr0.8/seed1" in paths and len(paths) == 4 + 3 + 1
+    bs = runs[("digits", "resnet20", "msr", "bs32", "0")]
+    assert bs.batch_size == 32 and bs.lr == pytest.approx(0.4 * (32 / 64) ** 0.5)
+
+
+def test_expected_record_is_what_msr_train_records(tmp_path):
+    """Trained for real (tiny): the recorded config.json matches the expectation exactly, for a
+    run that leaves lr/noise to its variant and one that sets them, with overrides."""
+    from msr import train as msr_train
+
+    cfg = merged({"train": {"epochs": 1, "image_size": 8, "precision": "fp32", "overrides": {"zmi_norm": 0.5}}})
+    runs = [Run("digits", "resnet8", "msr_noise", "base", 0, batch_size=64),
+            Run("digits", "resnet8", "msr", "bs32", 1, lr=0.2, batch_size=32, noise_delta=0.05)]
+    for run in runs:
+        out = tmp_path / run.path
+        rc = msr_train.RunConfig(dataset=run.dataset, arch=run.arch, variant=run.variant, seed=run.seed, epochs=1,
+                                 lr=run.lr, batch_size=run.batch_size, noise_delta=run.noise_delta, image_size=8,
+                                 precision="fp32", overrides={"zmi_norm": 0.5}, data_root=str(tmp_path / "data"),
+                                 device="cpu", threads=1, probe_every=1000)
+        msr_train.train(rc, out, log=lambda *a: None, progress=False)
+        expected = gridcheck.expected_record(run, cfg)
+        assert gridcheck.differences(expected, json.loads((out / "config.json").read_text())) == []
+    stale = gridcheck.find_stale(tmp_path, {r.path: gridcheck.expected_record(r, cfg) for r in runs})
+    assert stale == {}
+    cfg["train"]["epochs"] = 2
+    stale = gridcheck.find_stale(tmp_path, {r.path: gridcheck.expected_record(r, cfg) for r in runs})
+    assert stale == {r.path: ["epochs: 1 -> 2"] for r in runs}
+
+
+def fake_run(root: Path, path: str, record: dict) -> Path:
+    run_dir = root / path
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(record))
+    (run_dir / "summary.json").write_text("{}")
+    return run_dir
+
+
+def test_check_runs_removes_stale_summaries_and_names_them(tmp_path):
+    want = {"dataset": "digits", "epochs": 10, "lr": 0.4, "overrides": {}}
+    good = fake_run(tmp_path / "runs", "a/seed0", want)
+    stale = fake_run(tmp_path / "runs", "b/seed0", {**want, "epochs": 4, "lr": 0.4000000000001})
+    out, log = tmp_path / "checks" / "runs-x.json", tmp_path / "check.log"
+    with pytest.raises(GridError) as err:
+        gridcheck.check_runs(tmp_path / "runs", {"a/seed0": want, "b/seed0": want}, out, log=log)
+    message = str(err.value)
+    assert "1 run(s)" in message and "b/seed0 (epochs: 4 -> 10)" in message and "rerun the same command" in message
+    assert not (stale / "summary.json").exists() and (good / "summary.json").exists()
+    assert not out.exists() and "stale: b/seed0: epochs: 4 -> 10" in log.read_text()
+
+    # the next check (after the retrain) passes, records what it checked, and drops older records
+    out.parent.mkdir()
+    (out.parent / "runs-old.json").write_text("{}")
+    (stale / "config.json").write_text(json.dumps(want))
+    gridcheck.check_runs(tmp_path / "runs", {"a/seed0": want, "b/seed0": want}, out, log=log)
+    assert json.loads(out.read_text())["runs"]["b/seed0"] == want
+    assert sorted(p.name for p in out.parent.iterdir()) == ["runs-x.json"]
+
+
+def test_a_summary_without_its_config_is_stale(tmp_path):
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text("{}")
+    assert gridcheck.find_stale(tmp_path / "runs", {"a": {"epochs": 1}}) == {"a": ["config.json is missing"]}
+
+
+def test_reset_clears_only_a_directory_of_other_options(tmp_path):
+    want = {"dataset": "digits", "epochs": 10}
+    same = fake_run(tmp_path, "same", want)
+    other = fake_run(tmp_path, "other", {**want, "epochs": 3})
+    (other / "checkpoint.pt").write_bytes(b"x")
+    lines = []
+    assert gridcheck.reset(same, want, log=lines.append) is False and (same / "summary.json").exists()
+    assert gridcheck.reset(other, want, log=lines.append) is True and not other.exists()
+    assert lines == [f"{other}: options changed (epochs: 3 -> 10); starting this run over"]
+    assert gridcheck.reset(tmp_path / "new", want) is False  # nothing there yet
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text('{"epochs": ')
+    assert gridcheck.main(["reset", str(damaged), json.dumps(want)]) == 1
+    with pytest.raises(GridError, match=rf"{damaged}/config.json is not valid JSON .*delete the run directory"):
+        gridcheck.reset(damaged, want)
+    assert (damaged / "config.json").exists()
