@@ -1,18 +1,29 @@
 # Quickstart: `make run` (whole pipeline on bundled digits, CPU) and `make test`.
 # Both create .venv on first use and refresh it whenever pyproject.toml changes.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
-CORES  ?= all
+#   make run PROFILE=fashion-cpu     another config set (workflow/profiles/<PROFILE>)
+#   make run ARGS="--configfile my.yaml"   anything else for snakemake
+#   make run SETUP= BIN=$$CONDA_PREFIX/bin   use an existing environment instead of .venv
+PYTHON  ?= python3
+VENV    := .venv
+BIN     ?= $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SETUP   ?= $(STAMP)
+CORES   ?= all
+PROFILE ?=
+ARGS    ?=
+# the config set (its `name:`): each profile's set is named after the profile
+SET     ?= $(if $(PROFILE),$(PROFILE),digits)
+SNAKEMAKE_OPTS = --cores $(CORES) $(if $(PROFILE),--workflow-profile workflow/profiles/$(PROFILE)) $(ARGS)
 
-.PHONY: run test test-fast paper report lint clean-results help
+.PHONY: run test test-fast paper report lint clean help
 help:
-	@echo "make run     - whole pipeline on the bundled digits data (CPU, ~10 min)"
+	@echo "make run     - whole pipeline on the bundled digits data (CPU, ~10 min); after a kill, run it again"
+	@echo "make run PROFILE=fashion-cpu - the Fashion-MNIST study on CPU (fashion: on one GPU)"
 	@echo "make test    - the test suite (what CI runs)"
 	@echo "make paper   - the CIFAR paper grid (GPU; downloads CIFAR)"
-	@echo "make report  - HTML report of the last pipeline run"
+	@echo "make report  - HTML report of the last pipeline run (results/<set>/report.html)"
 	@echo "make lint    - ruff + snakemake --lint"
+	@echo "make clean SET=digits - delete one config set's results/ and figures/"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +31,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES)
+# Recovery after any kill is this same command: a lock left by a dead Snakemake is removed
+# (never one of a Snakemake still running here), and jobs it left incomplete are rerun.
+run: $(SETUP)
+	$(BIN)/python workflow/scripts/unlock_stale.py
+	$(BIN)/snakemake $(SNAKEMAKE_OPTS) --rerun-incomplete
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -29,16 +43,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-paper: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/paper
+paper: $(SETUP)
+	$(MAKE) run PROFILE=paper
 
-report: $(STAMP)
-	mkdir -p results
-	$(BIN)/snakemake --report results/report.html
+report: $(SETUP)
+	mkdir -p results/$(SET)
+	$(BIN)/snakemake $(SNAKEMAKE_OPTS) --report results/$(SET)/report.html
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests workflow/scripts
 	$(BIN)/snakemake --lint
 
-clean-results:
-	rm -rf results figures/*.png figures/*.pdf figures/*.csv figures/*.md figures/*.tex figures/MANIFEST.json
+# one config set only: the others' runs and figures stay (SET is the config's `name:`)
+clean:
+	@test -n "$(SET)" || { echo "make clean: name the set, e.g. SET=digits"; exit 1; }
+	rm -rf results/$(SET) figures/$(SET)
