@@ -1,15 +1,19 @@
-# msr: the Mean Shift Rejection replication pipeline (DESIGN.md, "The rule graph").
+# msr: the Mean Shift Rejection replication pipeline (docs/architecture.md, "The rule graph").
 #
-#   download (CIFAR) -> prepare -> train (one job per run) -> aggregate
-#     -> one notebook per figure/table -> figures/MANIFEST.json
+#   download (CIFAR) -> prepare -> train (one job per run) -> check_runs -> aggregate
+#     -> one notebook per figure/table -> figures/<set>/MANIFEST.json
 #
-#   snakemake --cores all                                           # default: digits, CPU, ~10 min
-#   snakemake --cores all --workflow-profile workflow/profiles/paper  # CIFAR grid, GPU
-#   snakemake --workflow-profile workflow/profiles/slurm             # the same on a SLURM cluster
-#   snakemake --report results/report.html                          # HTML report with captions
+#   snakemake --cores all                                                  # set digits: CPU, ~10 min
+#   snakemake --cores all --workflow-profile workflow/profiles/fashion-cpu  # Fashion-MNIST, 2 CPU cores
+#   snakemake --cores all --workflow-profile workflow/profiles/fashion      # Fashion-MNIST, one GPU
+#   snakemake --cores all --workflow-profile workflow/profiles/paper        # CIFAR grid, GPU
+#   snakemake --workflow-profile workflow/profiles/slurm                    # the same on a SLURM cluster
+#   snakemake --report results/digits/report.html                          # HTML report with captions
 #
 # The grid comes from workflow/config/default.yaml (overlaid by a profile's configfile or
-# --configfile / --config), validated against workflow/schemas/config.schema.yaml.
+# --configfile / --config), validated against workflow/schemas/config.schema.yaml (in
+# workflow/rules/common.smk, with the checks the schema cannot make). Its `name:` is the set:
+# everything it writes goes to results/<name>/ and figures/<name>/.
 
 from snakemake.utils import min_version, validate
 
@@ -17,9 +21,6 @@ min_version("9.19")
 
 
 configfile: "workflow/config/default.yaml"
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
 
 
 report: "workflow/report/workflow.rst"
@@ -31,8 +32,14 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/analysis.smk"
 
 
+# Everything, intermediates included: a run summary or table deleted by a failed or killed
+# job is rebuilt even when the figures exist (Snakemake does not rebuild a missing
+# intermediate whose consumers are up to date).
 rule all:
     default_target: True
     input:
+        all_summaries(),
+        RUNS_CHECKED,
+        TABLES.values(),
         all_outputs(),
-        "figures/MANIFEST.json",
+        MANIFEST,

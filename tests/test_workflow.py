@@ -1,24 +1,33 @@
-"""The Snakemake pipeline: lint, dry-run job counts derived from the configs, schema errors that
-name the bad key/value, notebooks stored as clean jupytext pairs, and a tiny end-to-end run
-(workflow/config/smoke.yaml) that produces every figure, table and the manifest.
+"""The Snakemake pipeline: lint, dry-run job counts derived from the configs and profiles, every
+output under its config set's name, config errors that name the bad key/value before any job,
+notebooks stored as clean jupytext pairs, a tiny end-to-end run (workflow/config/smoke.yaml)
+that produces every figure, table and the manifest, and the recovery scenarios: a retrain
+killed after an option change, a config edit without Snakemake's metadata, `make run` after
+kill -9 (during training and during the notebooks).
 
-Every snakemake call runs in a copy of the workflow files (Snakefile, workflow/, notebooks/)
-in a temporary folder, so the repository's own results/, data/ and figures/ never influence a
-job count and are never written.
+Every snakemake call runs in a copy of the workflow files (Snakefile, Makefile, workflow/,
+notebooks/) in a temporary folder, so the repository's own results/, data/ and figures/ never
+influence a job count and are never written.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from itertools import product
 from pathlib import Path
 
+import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -26,15 +35,19 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "workflow" / "config"
 NOTEBOOKS = REPO / "notebooks"
 FIGURES = ["fig1_curves", "fig2_mean_shift", "fig3_lr_stability", "fig4_isocline", "fig5_batch_size",
-           "fig6_noise"]
-TABLES = ["tab1_ablation", "tab2_cost"]
-# per run of the pipeline besides train/prepare/download: aggregate, one job per notebook, manifest, all
-ANALYSIS_JOBS = 1 + len(FIGURES) + len(TABLES) + 1 + 1
+           "fig6_noise", "fig7_peers"]
+TABLES = ["tab1_ablation", "tab2_cost", "tab3_claims"]
+# per run of the pipeline besides train/prepare/download: check_runs, aggregate, one job per
+# notebook, manifest, all
+ANALYSIS_JOBS = 1 + 1 + len(FIGURES) + len(TABLES) + 1 + 1
+BIN = Path(sys.executable).parent
+SMOKE = ["--configfile", "workflow/config/smoke.yaml"]
 
 
 def copy_workflow(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
+    for name in ("Snakefile", "Makefile"):
+        shutil.copy2(REPO / name, dest / name)
     for folder in ("workflow", "notebooks"):
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
     return dest
@@ -43,6 +56,11 @@ def copy_workflow(dest: Path) -> Path:
 def snakemake(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def make_run(cwd: Path, *args: str) -> list[str]:
+    """`make run` in ``cwd`` with this interpreter's environment instead of building .venv."""
+    return ["make", "-s", "-C", str(cwd), "run", "SETUP=", f"BIN={BIN}", "CORES=2", *args]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -60,7 +78,7 @@ def deep_merge(base: dict, overlay: dict) -> dict:
 
 
 def expected_train_jobs(cfg: dict) -> int:
-    """The number of runs a config asks for, derived independently of common.smk: the main grid
+    """The number of runs a config asks for, derived independently of the workflow: the main grid
     datasets x archs x variants x seeds, plus every sweep point (dataset x arch x variant x value
     x seed) except those identical to a main-grid run (same resolved value, and the point's
     dataset/arch/variant/seed are in the main grid), which are reused."""
@@ -101,6 +119,16 @@ def load(name: str) -> dict:
     return yaml.safe_load((CONFIG / name).read_text())
 
 
+def profile_config(profile: str) -> dict:
+    """default.yaml overlaid with the config file a profile names."""
+    prof = yaml.safe_load((REPO / "workflow/profiles" / profile / "config.yaml").read_text())
+    return deep_merge(load("default.yaml"), load(Path(prof["configfile"]).name))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return copy_workflow(tmp_path_factory.mktemp("wf"))
@@ -121,54 +149,109 @@ def test_default_dry_run_lists_the_whole_grid(workdir):
     counts = job_counts(done.stdout + done.stderr)
     expected = expected_jobs(load("default.yaml"))
     assert {k: counts.get(k) for k in expected} == expected
-    for rule in ["aggregate", "manifest", "all", *FIGURES, *TABLES]:
+    for rule in ["check_runs", "aggregate", "manifest", "all", *FIGURES, *TABLES]:
         assert counts[rule] == 1
 
 
-def test_paper_profile_dry_run_lists_the_paper_grid_without_gpu_or_data(workdir):
-    done = snakemake(workdir, "-n", "--quiet", "rules", "--workflow-profile", "workflow/profiles/paper")
+@pytest.mark.parametrize("profile", ["paper", "fashion", "fashion-cpu"])
+def test_profile_dry_run_lists_its_grid_without_gpu_or_data(workdir, profile):
+    assert not (workdir / "data").exists()
+    done = snakemake(workdir, "-n", "--quiet", "rules", "--workflow-profile", f"workflow/profiles/{profile}")
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
-    cfg = deep_merge(load("default.yaml"), load("paper.yaml"))
+    cfg = profile_config(profile)
     expected = expected_jobs(cfg)
     assert {k: counts.get(k) for k in expected} == expected
-    # the main grid alone: 2 datasets x 3 archs x 10 variants x 5 seeds
-    assert cfg["datasets"] == ["cifar10", "cifar100"] and len(cfg["variants"]) == 10 and len(cfg["seeds"]) == 5
-    assert expected["train"] > 2 * 3 * 10 * 5
-    assert expected["download"] == 2
+    assert cfg["name"] == profile
+    from msr.variants import VARIANTS
+
+    assert cfg["variants"] == list(VARIANTS)  # every variant of the registry
+    if profile == "paper":
+        assert cfg["datasets"] == ["cifar10", "cifar100"] and len(cfg["seeds"]) == 5 and expected["download"] == 2
+    else:  # Fashion-MNIST: found or fetched by `msr prepare` itself, no download job
+        assert cfg["datasets"] == ["fashion_mnist"] and "download" not in counts and counts["prepare"] == 1
+        assert cfg["archs"] == ["resnet20"]
+        assert cfg["sweeps"]["lr"]["variants"] == ["plain", "bn", "msr"]
+        assert cfg["sweeps"]["batch_size"]["variants"] == ["bn", "msr"] and cfg["sweeps"]["noise_delta"]["values"]
+    if profile == "fashion":
+        assert len(cfg["seeds"]) == 5 and cfg["train"]["epochs"] >= 30
+    if profile == "fashion-cpu":  # T3 needs >= 2 seeds a side on the main grid and the lr sweep
+        assert len(cfg["seeds"]) >= 2 and len(cfg["sweeps"]["lr"]["seeds"]) >= 2
 
 
-def test_train_jobs_get_only_their_own_options(workdir):
+def test_every_output_lives_under_its_sets_name(workdir, tmp_path):
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text(yaml.safe_dump({"name": "my-study.v2"}))
+    done = snakemake(workdir, "-n", *SMOKE, str(overlay))
+    assert done.returncode == 0, done.stderr
+    paths = []
+    for line in (done.stdout + done.stderr).splitlines():
+        m = re.match(r"^\s+(output|log|benchmark): (.*)$", line)
+        if m:
+            paths += m.group(2).split(", ")
+    assert len(paths) > 40
+    outside = [p for p in paths if not p.startswith(("results/my-study.v2/", "figures/my-study.v2/", "data/"))]
+    assert outside == []
+    assert "figures/my-study.v2/MANIFEST.json" in paths and "results/my-study.v2/tables/runs.csv" in paths
+
+
+def test_train_jobs_get_only_their_own_options_and_declare_gpu_slots(workdir):
     done = snakemake(workdir, "-n", "-p", "--workflow-profile", "workflow/profiles/paper",
-                     "results/runs/cifar10/resnet20/msr/bs8/seed1/summary.json")
+                     "results/paper/runs/cifar10/resnet20/msr/bs8/seed1/summary.json")
     assert done.returncode == 0, done.stderr
     out = done.stdout + done.stderr
     cmd = next(line for line in out.splitlines() if "msr train" in line)
-    # linear lr scaling from batch 128: 0.4 * 8 / 128; threads: the profile's 4, capped by the cores here
+    # linear lr scaling from batch 128: 0.4 * 8 / 128; threads: the profile's 4, capped by the cores
+    # here; --gpu-slots: the paper config's runs_per_gpu
     for part in ["--dataset cifar10", "--arch resnet20", "--variant msr", "--seed 1", "--epochs 200",
-                 "--batch-size 8", "--lr 0.025", "--device cuda", "--threads ",
-                 "--out results/runs/cifar10/resnet20/msr/bs8/seed1"]:
+                 "--batch-size 8", "--lr 0.025", "--device cuda", "--threads ", "--gpu-slots 4 ",
+                 "--out results/paper/runs/cifar10/resnet20/msr/bs8/seed1"]:
         assert part in cmd, (part, cmd)
-    assert "--image-size" not in cmd and "--noise-delta" not in cmd
+    assert "--image-size" not in cmd and "--noise-delta" not in cmd and "--precision" not in cmd
+    resources = next(line for line in out.splitlines() if "gpu_slots=" in line)
+    assert "gpu_slots=1," in resources and "runs_per_gpu=4" in resources
+    assert not re.search(r"\bgpu=", resources)  # no per-job GPU request on one machine: runs share GPUs
+    prof = yaml.safe_load((REPO / "workflow/profiles/paper/config.yaml").read_text())
+    assert prof["resources"]["gpu_slots"] == load("paper.yaml")["resources"]["runs_per_gpu"]  # one GPU's worth
+
+
+def test_cpu_runs_claim_no_gpu_slot_and_pass_precision_subset_and_mirror(workdir, tmp_path):
+    run = "results/smoke/runs/digits/resnet8/msr/base/seed0/summary.json"
+    done = snakemake(workdir, "-n", "-p", "-f", run, "data/processed/digits-8.pt", *SMOKE)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    train = next(line for line in out.splitlines() if "msr train" in line)
+    prepare = next(line for line in out.splitlines() if "msr prepare" in line)
+    assert "--gpu-slots 0 " in train and "--precision" not in train and "--train-subset" not in train
+    assert "--mirror" not in prepare
+    overlay = tmp_path / "opts.yaml"
+    overlay.write_text(yaml.safe_dump({"train": {"precision": "bf16", "train_subset": 1000, "data_mirror": "/srv/my mirror"}}))
+    done = snakemake(workdir, "-n", "-p", "-f", run, "data/processed/digits-8.pt", *SMOKE, str(overlay))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    train = next(line for line in out.splitlines() if "msr train" in line)
+    prepare = next(line for line in out.splitlines() if "msr prepare" in line)
+    assert "--precision bf16" in train and "--train-subset 1000" in train
+    assert "--mirror '/srv/my mirror'" in prepare
 
 
 def test_sweep_runs_probe_sparsely_main_grid_densely(workdir):
     cfg = load("default.yaml")["train"]
-    done = snakemake(workdir, "-n", "-p", "results/runs/digits/resnet20/msr/base/seed0/summary.json",
-                     "results/runs/digits/resnet20/msr/bs8/seed0/summary.json")
+    done = snakemake(workdir, "-n", "-p", "results/digits/runs/digits/resnet20/msr/base/seed0/summary.json",
+                     "results/digits/runs/digits/resnet20/msr/bs8/seed0/summary.json")
     assert done.returncode == 0, done.stderr
     cmds = {line.split("--out ")[1].split()[0]: line for line in (done.stdout + done.stderr).splitlines()
             if "msr train" in line}
-    assert f"--probe-every {cfg['probe_every']} " in cmds["results/runs/digits/resnet20/msr/base/seed0"]
-    assert f"--probe-every {cfg['sweep_probe_every']} " in cmds["results/runs/digits/resnet20/msr/bs8/seed0"]
+    assert f"--probe-every {cfg['probe_every']} " in cmds["results/digits/runs/digits/resnet20/msr/base/seed0"]
+    assert f"--probe-every {cfg['sweep_probe_every']} " in cmds["results/digits/runs/digits/resnet20/msr/bs8/seed0"]
     assert cfg["sweep_probe_every"] > cfg["probe_every"]
 
 
 def test_global_noise_delta_changes_only_the_noisy_variants(workdir, tmp_path):
     overlay = tmp_path / "noise.yaml"
     overlay.write_text(yaml.safe_dump({"train": {"noise_delta": 0.2}}))
-    done = snakemake(workdir, "results/runs/digits/resnet20/msr_noise/base/seed0/summary.json",
-                     "results/runs/digits/resnet20/msr/base/seed0/summary.json",
+    done = snakemake(workdir, "results/digits/runs/digits/resnet20/msr_noise/base/seed0/summary.json",
+                     "results/digits/runs/digits/resnet20/msr/base/seed0/summary.json",
                      "-n", "-p", "--configfile", str(overlay))
     assert done.returncode == 0, done.stderr
     cmds = {re.search(r"--variant (\w+)", line).group(1): line
@@ -187,18 +270,30 @@ def test_slurm_profile_dry_run(workdir):
 
 
 @pytest.mark.parametrize("overlay, named", [
+    # the schema
     ({"variants": ["msr", "bogus"]}, "'bogus' is not one of"),
     ({"datasets": ["mnist"]}, "'mnist' is not one of"),
+    ({"datasets": []}, "instance['datasets']"),
+    ({"seeds": [0, 1, 1]}, "has non-unique elements"),
+    ({"name": "../elsewhere"}, "'../elsewhere' does not match"),
     ({"epochs": 3}, "'epochs' was unexpected"),
     ({"train": {"epoch": 3}}, "'epoch' was unexpected"),
+    ({"train": {"precision": "fp16"}}, "'fp16' is not one of"),
     ({"sweeps": {"lr": {"value": [0.1]}}}, "'value' was unexpected"),
+    ({"sweeps": {"lr": {"seeds": [0, 0]}}}, "has non-unique elements"),
+    ({"sweeps": {"lr": {"datasets": []}}}, "instance['sweeps']['lr']['datasets']"),
     ({"sweeps": {"batch_size": {"values": [0]}}}, "0 is less than the minimum of 1"),
     ({"resources": {"gpus": 1}}, "'gpus' was unexpected"),
     ({"archs": ["vgg16"]}, "'vgg16' does not match"),
+    # the workflow's own checks (msr.gridcheck and the library's validation)
     ({"archs": ["resnet21"]}, "resnet21"),
     ({"sweeps": {"lr": {"archs": ["resnet22"], "variants": ["msr"], "values": [0.1]}}}, "resnet22"),
     ({"datasets": ["cifar10"], "train": {"image_size": 16}}, "image_size"),
     ({"analysis": {"probe_arch": "resnet56"}}, "probe_arch"),
+    ({"sweeps": {"batch_size": {"values": [8, 4096]}}}, "config sweeps.batch_size.values: batch size 4096 is larger than the training set of digits (1437 images)"),
+    ({"train": {"overrides": {"bogus": 1}}}, "config train.overrides={'bogus': 1}: unknown override(s) ['bogus']"),
+    ({"sweeps": {"lr": {"variants": []}}}, "config sweeps.lr: has values but no variants"),
+    ({"sweeps": {"lr": {"values": [0.8, 0.8000001]}}}, "0.8 and 0.8000001 give the same run tag 'lr0.8'"),
 ])
 def test_bad_config_stops_before_any_job_naming_the_problem(workdir, tmp_path, overlay, named):
     bad = tmp_path / "bad.yaml"
@@ -207,6 +302,13 @@ def test_bad_config_stops_before_any_job_naming_the_problem(workdir, tmp_path, o
     assert done.returncode != 0
     assert named in done.stdout + done.stderr, done.stdout + done.stderr
     assert "Job stats" not in done.stdout + done.stderr
+
+
+def test_list_from_the_command_line_is_named_not_a_type_error(workdir):
+    done = snakemake(workdir, "-n", "--config", "seeds=[0,1]")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "Job stats" not in out
+    assert "config seeds=['0', '1']: the items are strings" in out and "--configfile" in out, out
 
 
 def test_schema_enums_match_the_library():
@@ -224,6 +326,14 @@ def test_cifar_folders_match_the_library():
     text = (REPO / "workflow/rules/common.smk").read_text()
     for name in ("cifar10", "cifar100"):
         assert f'"{name}": "{data._cifar_source(name).folder}"' in text
+
+
+def test_every_notebook_has_a_rule_and_a_caption():
+    text = (REPO / "workflow/rules/common.smk").read_text()
+    listed = re.findall(r'dict\(name="(\w+)", kind="(figure|table)"', text)
+    assert sorted(listed) == sorted([(n, "figure") for n in FIGURES] + [(n, "table") for n in TABLES])
+    for name in FIGURES + TABLES:
+        assert (REPO / "workflow/report" / f"{name}.rst").stat().st_size > 100
 
 
 @pytest.mark.parametrize("name", FIGURES + TABLES)
@@ -245,58 +355,93 @@ def test_notebooks_are_clean_jupytext_pairs(name):
     assert strip(paired.cells) == strip(nb.cells), f"{name}.py and .ipynb differ: run `jupytext --sync notebooks/{name}.ipynb`"
 
 
+def test_stale_lock_is_removed_only_without_a_live_snakemake(tmp_path):
+    script = REPO / "workflow/scripts/unlock_stale.py"
+    locks = tmp_path / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.input.lock").write_text("x")
+    # a process in this folder whose command line names snakemake: the lock stays
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "snakemake"], cwd=tmp_path)
+    try:
+        done = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and f"pid {alive.pid}" in done.stderr and "leaving its lock" in done.stderr
+        assert (locks / "0.input.lock").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    done = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "removed the lock" in done.stderr
+    assert list(locks.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------- end to end
 
 
-def test_smoke_pipeline_end_to_end(tmp_path):
-    """workflow/config/smoke.yaml (2 variants, 1 seed, 1 epoch, 8x8 images, one lr and one batch
-    size point, no noise sweep) from a fresh copy: every figure (PNG + PDF), every table
-    (CSV + Markdown + LaTeX) and the manifest; then nothing left to do; figures byte-identical
-    when their notebooks rerun; analysis edits never retrain; the HTML report builds."""
-    wd = copy_workflow(tmp_path / "wf")
-    smoke = ["--configfile", "workflow/config/smoke.yaml"]
-    done = snakemake(wd, "--cores", "2", *smoke)
+@pytest.fixture(scope="module")
+def smoke_done(tmp_path_factory) -> Path:
+    """workflow/config/smoke.yaml run once from a fresh copy; tests work on copies of it."""
+    wd = copy_workflow(tmp_path_factory.mktemp("smoke") / "wf")
+    done = snakemake(wd, "--cores", "2", *SMOKE)
     assert done.returncode == 0, done.stderr[-5000:]
+    return wd
 
+
+def copy_done(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=True)  # copy2: modification times kept
+    return dest
+
+
+def test_smoke_pipeline_end_to_end(smoke_done, tmp_path):
+    """smoke.yaml (2 variants, 1 seed, 1 epoch, 8x8 images, one lr and one batch size point, no
+    noise sweep) from a fresh copy: every figure (PNG + PDF), every table (CSV + Markdown +
+    LaTeX) and the manifest under the set's name; then nothing left to do; figures
+    byte-identical when their notebooks rerun; analysis edits never retrain; the HTML report."""
+    wd = copy_done(smoke_done, tmp_path / "wf")
+    figs, res = wd / "figures" / "smoke", wd / "results" / "smoke"
     for name in FIGURES:
         for ext in ("png", "pdf"):
-            assert (wd / "figures" / f"{name}.{ext}").stat().st_size > 1000
+            assert (figs / f"{name}.{ext}").stat().st_size > 1000
     for name in TABLES:
         for ext in ("csv", "md", "tex"):
-            assert (wd / "figures" / f"{name}.{ext}").stat().st_size > 0
+            assert (figs / f"{name}.{ext}").stat().st_size > 0
     for name in FIGURES + TABLES:
-        assert (wd / "results" / "notebooks" / f"{name}.ipynb").exists()
+        assert (res / "notebooks" / f"{name}.ipynb").exists()
+    assert not (wd / "results" / "digits").exists() and not (wd / "figures" / "digits").exists()
 
-    runs = sorted(p.relative_to(wd / "results/runs").parent.as_posix()
-                  for p in (wd / "results/runs").glob("*/*/*/*/*/summary.json"))
+    runs = sorted(p.relative_to(res / "runs").parent.as_posix() for p in (res / "runs").glob("*/*/*/*/*/summary.json"))
     cfg = deep_merge(load("default.yaml"), load("smoke.yaml"))
     assert len(runs) == expected_train_jobs(cfg) == 4
     assert "digits/resnet8/msr/lr0.8/seed0" in runs and "digits/resnet8/msr/bs32/seed0" in runs
+    checked = json.loads(next((res / "checks").glob("runs-*.json")).read_text())
+    assert sorted(checked["runs"]) == runs
 
-    manifest = json.loads((wd / "figures/MANIFEST.json").read_text())
+    manifest = json.loads((figs / "MANIFEST.json").read_text())
     assert sorted(i["name"] for i in manifest["items"]) == sorted(FIGURES + TABLES)
-    import hashlib
-
     for item in manifest["items"]:
         for f in item["files"]:
-            assert hashlib.sha256((wd / f["path"]).read_bytes()).hexdigest() == f["sha256"]
+            assert f["path"].startswith("figures/smoke/") and sha256(wd / f["path"]) == f["sha256"]
     fig1 = next(i for i in manifest["items"] if i["name"] == "fig1_curves")
     assert fig1["runs"] == ["digits/resnet8/bn/base/seed0", "digits/resnet8/msr/base/seed0"]
     assert len(manifest["config_sha256"]) == 64 and set(manifest["run_config_sha256"]) == set(runs)
+    recorded = json.loads((res / "config.json").read_text())
+    assert recorded["name"] == "smoke" and recorded["train"]["epochs"] == 1
+    verify = subprocess.run([str(BIN / "msr"), "verify", "figures/smoke", "--config", "results/smoke/config.json"],
+                            cwd=wd, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
-    t1 = (wd / "figures/tab1_ablation.md").read_text()
+    t1 = (figs / "tab1_ablation.md").read_text()
     for variant in ("bn", "msr"):
         assert re.search(rf"\|\s*digits\s*\|\s*resnet8\s*\|\s*{variant}\s*\|", t1), t1
 
     # nothing left to do
-    done = snakemake(wd, "-n", *smoke)
+    done = snakemake(wd, "-n", *SMOKE)
     assert done.returncode == 0 and "Nothing to be done" in done.stdout + done.stderr, done.stdout
 
     # deterministic bytes: rerun two notebooks, same figure and table files
     before = {i["name"]: i["files"] for i in manifest["items"]}
-    done = snakemake(wd, "--cores", "2", *smoke, "--forcerun", "fig1_curves", "tab1_ablation")
+    done = snakemake(wd, "--cores", "2", *SMOKE, "--forcerun", "fig1_curves", "tab1_ablation")
     assert done.returncode == 0, done.stderr[-5000:]
-    after = {i["name"]: i["files"] for i in json.loads((wd / "figures/MANIFEST.json").read_text())["items"]}
+    after = {i["name"]: i["files"] for i in json.loads((figs / "MANIFEST.json").read_text())["items"]}
     assert after == before
 
     # editing a notebook reruns that notebook (and the manifest) only, never training; adding a
@@ -305,28 +450,153 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     nb.write_text(nb.read_text().replace("FLOOR = 1e-9", "FLOOR = 1e-10"))
     extra = tmp_path / "extra.yaml"
     extra.write_text(yaml.safe_dump({"sweeps": {"noise_delta": {"variants": ["msr"], "values": [0.3], "seeds": [0]}}}))
-    done = snakemake(wd, "-n", "--quiet", "rules", "--configfile", "workflow/config/smoke.yaml", str(extra))
+    done = snakemake(wd, "-n", "--quiet", "rules", *SMOKE, str(extra))
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
     assert counts.get("train") == 1 and "prepare" not in counts and counts.get("fig4_isocline") == 1, counts
-    done = snakemake(wd, "-n", "--quiet", "rules", *smoke)
+    done = snakemake(wd, "-n", "--quiet", "rules", *SMOKE)
     counts = job_counts(done.stdout + done.stderr)
     assert "train" not in counts and "aggregate" not in counts and counts.get("fig4_isocline") == 1, counts
 
     # a run whose options changed starts over in its directory (msr refuses to mix configs);
     # a run whose summary is missing but whose options are unchanged resumes from its checkpoint
-    run = "results/runs/digits/resnet8/bn/base/seed0"
+    run = "results/smoke/runs/digits/resnet8/bn/base/seed0"
     longer = tmp_path / "longer.yaml"
     longer.write_text(yaml.safe_dump({"train": {"epochs": 2}}))
-    done = snakemake(wd, f"{run}/summary.json", "--cores", "2", "--configfile", "workflow/config/smoke.yaml", str(longer))
+    done = snakemake(wd, f"{run}/summary.json", "--cores", "2", *SMOKE, str(longer))
     assert done.returncode == 0, done.stderr[-5000:]
+    log = (wd / "results/smoke/logs/train/digits/resnet8/bn/base/seed0.log").read_text()
+    assert "options changed (epochs: 1 -> 2); starting this run over" in log
     assert len((wd / run / "metrics.csv").read_text().splitlines()) == 1 + 2
     (wd / run / "summary.json").unlink()
-    done = snakemake(wd, f"{run}/summary.json", "--cores", "2", "--configfile", "workflow/config/smoke.yaml", str(longer))
+    done = snakemake(wd, f"{run}/summary.json", "--cores", "2", *SMOKE, str(longer))
     assert done.returncode == 0, done.stderr[-5000:]
-    assert "resuming after epoch 2" in (wd / "results/logs/train/digits/resnet8/bn/base/seed0.log").read_text()
+    assert "resuming after epoch 2" in (wd / "results/smoke/logs/train/digits/resnet8/bn/base/seed0.log").read_text()
 
     # the HTML report, with every figure
-    done = snakemake(wd, *smoke, "--report", "results/report.html")
+    done = snakemake(wd, *SMOKE, "--report", "results/smoke/report.html")
     assert done.returncode == 0, done.stderr[-5000:]
-    assert (wd / "results/report.html").stat().st_size > 10_000
+    assert (wd / "results/smoke/report.html").stat().st_size > 10_000
+
+
+BS_RUN = "digits/resnet8/msr/bs32/seed0"  # smoke's batch-size point: lr 0.4 * 32/64 = 0.2 (linear)
+
+
+def lr_scaling_none(tmp_path: Path) -> Path:
+    """The same batch-size point with lr_scaling none: its lr becomes 0.4; no other run changes."""
+    overlay = tmp_path / "none.yaml"
+    overlay.write_text(yaml.safe_dump({"sweeps": {"batch_size": {"lr_scaling": "none"}}}))
+    return overlay
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300):
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the pipeline ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def assert_set_follows_new_options(wd: Path):
+    """runs.csv, the batch-size figure's provenance and the manifest all describe the run as
+    the changed config trained it."""
+    res = wd / "results" / "smoke"
+    runs = pd.read_csv(res / "tables" / "runs.csv").set_index("run_id")
+    assert runs.loc[BS_RUN, "lr"] == pytest.approx(0.4) and runs.loc[BS_RUN, "batch_size"] == 32
+    assert runs.loc["digits/resnet8/msr/lr0.8/seed0", "lr"] == pytest.approx(0.8)
+    assert json.loads((res / "runs" / BS_RUN / "config.json").read_text())["lr"] == pytest.approx(0.4)
+    assert BS_RUN in json.loads((res / "provenance" / "fig5_batch_size.json").read_text())["runs"]
+    manifest = json.loads((wd / "figures" / "smoke" / "MANIFEST.json").read_text())
+    assert manifest["run_config_sha256"][BS_RUN] == sha256(res / "runs" / BS_RUN / "config.json")
+    assert json.loads((res / "config.json").read_text())["sweeps"]["batch_size"]["lr_scaling"] == "none"
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_retrain_then_during_the_notebooks_make_run_finishes(smoke_done, tmp_path):
+    """Issue 9, findings 1 and 9: one sweep run's options change, its retrain is killed with the
+    whole pipeline (kill -9: Snakemake leaves its lock, the run's summary.json is already gone
+    and the figures still exist); the next `make run` rebuilds that run, is itself killed while
+    the notebooks write the figure set (old and new files mixed, which `msr verify` reports);
+    one more `make run` finishes, and every table, figure record and the manifest follow the
+    new options."""
+    wd = copy_done(smoke_done, tmp_path / "wf")
+    args = f"ARGS=--configfile workflow/config/smoke.yaml {lr_scaling_none(tmp_path)}"
+    res = wd / "results" / "smoke"
+
+    def start():
+        return subprocess.Popen(make_run(wd, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    def kill(proc):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    # 1. the retrain of the changed run, killed with everything
+    proc = start()
+
+    def retraining():
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if "msr train" in cmd and f"runs/{BS_RUN}" in cmd:
+                return p
+        return None
+
+    wait_for(retraining, proc, "the changed run's retrain started")
+    kill(proc)
+    assert list((wd / ".snakemake" / "locks").iterdir()), "a killed Snakemake leaves its lock"
+    assert not (res / "runs" / BS_RUN / "summary.json").exists()
+    assert (wd / "figures" / "smoke" / "fig5_batch_size.png").exists()
+
+    # 2. make run again, killed once the notebooks have written part of the new figure set
+    start_time = time.time()
+    proc = start()
+    wait_for(lambda: any(p.stat().st_mtime > start_time for p in (wd / "figures" / "smoke").glob("*.p*")),
+             proc, "a notebook wrote a figure")
+    kill(proc)
+    verify = subprocess.run([str(BIN / "msr"), "verify", "figures/smoke"], cwd=wd, capture_output=True, text=True,
+                            timeout=300)
+    assert verify.returncode == 1, verify.stdout + verify.stderr  # a mixed set is reported, not cited
+
+    # 3. one more make run finishes the study
+    done = subprocess.run(make_run(wd, args), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "removed the lock of a Snakemake run that was killed" in done.stderr
+    assert_set_follows_new_options(wd)
+    verify = subprocess.run([str(BIN / "msr"), "verify", "figures/smoke", "--config", "results/smoke/config.json"],
+                            cwd=wd, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    done = snakemake(wd, "-n", *SMOKE, str(lr_scaling_none(tmp_path)))
+    assert done.returncode == 0 and "Nothing to be done" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_config_edit_without_snakemake_metadata_is_caught(smoke_done, tmp_path):
+    """Issue 9, finding 4: results copied without .snakemake/ (or --rerun-triggers mtime) and a
+    config edit that changes one run's options: check_runs stops before aggregation naming the
+    run and what differs, leaves the figures alone, and the next run retrains just that run."""
+    wd = copy_done(smoke_done, tmp_path / "wf")
+    shutil.rmtree(wd / ".snakemake")
+    overlay = ["--configfile", "workflow/config/smoke.yaml", str(lr_scaling_none(tmp_path))]
+    figures = {p.name: sha256(p) for p in (wd / "figures" / "smoke").iterdir()}
+
+    done = snakemake(wd, "--cores", "2", "--rerun-triggers", "mtime", *overlay)
+    assert done.returncode != 0
+    assert f"{BS_RUN} (lr: 0.2 -> 0.4)" in done.stderr and "rerun the same command" in done.stderr, done.stderr
+    assert "1 run(s)" in (wd / "results/smoke/logs/check_runs.log").read_text()
+    assert {p.name: sha256(p) for p in (wd / "figures" / "smoke").iterdir()} == figures
+    log = wd / "results/smoke/logs/train" / f"{BS_RUN}.log"
+    assert "lr 0.2" in log.read_text()  # not retrained yet
+
+    done = snakemake(wd, "--cores", "2", "--rerun-triggers", "mtime", *overlay)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "options changed (lr: 0.2 -> 0.4); starting this run over" in log.read_text()
+    trained = [p for p in (wd / "results/smoke/logs/train").rglob("*.log") if "starting this run over" in p.read_text()]
+    assert trained == [log]
+    assert_set_follows_new_options(wd)

@@ -1,191 +1,110 @@
-# Analysis: every run directory -> aggregated tables -> one notebook per figure/table ->
-# figures/MANIFEST.json. Notebooks read only the aggregated tables and run directories; they
-# never train. Each one also leaves results/provenance/<name>.json (the runs it used) for the
-# manifest, and its executed copy in results/notebooks/<name>.ipynb (kept even on failure).
+# Analysis: every run directory -> check_runs -> aggregated tables -> one notebook per
+# figure/table (common.smk: ANALYSES) -> figures/<set>/MANIFEST.json. Notebooks read only the
+# aggregated tables and run directories; they never train. Each one also leaves
+# results/<set>/provenance/<name>.json (the runs it used and the files it wrote) for the
+# manifest, and its executed copy in results/<set>/notebooks/<name>.ipynb (kept even on failure).
 #
-# Edit a figure: snakemake --cores 1 --edit-notebook figures/<name>.png
+# Edit a figure: snakemake --cores 1 --edit-notebook figures/<set>/<name>.png
 # (opens the notebook with this run's inputs; then `jupytext --sync notebooks/<name>.ipynb` and
 # `jupytext --to ipynb notebooks/<name>.py` to store it without outputs - see notebooks/README.md)
 
-rule aggregate:
+
+# The gate before aggregation: every run directory's config.json records the options this
+# config gives (msr.gridcheck). Snakemake notices a config edit through its metadata in
+# .snakemake/ and retrains; without that metadata (a fresh clone with copied results, or
+# --rerun-triggers mtime) this check catches it: stale runs lose their summary.json and the
+# pipeline stops naming them, so the next run retrains them. Its output is named by the hash
+# of every run's expected options, so it reruns whenever they change.
+rule check_runs:
     input:
         all_summaries(),
     output:
-        runs=TABLES["runs"],
-        summary=TABLES["summary"],
-        curves=TABLES["curves"],
+        RUNS_CHECKED,
     log:
-        "results/logs/aggregate.log",
+        f"{LOGS}/check_runs.log",
+    localrule: True
+    run:
+        gridcheck.check_runs(RUNS_ROOT, EXPECTED, output[0], log=log[0])
+
+
+rule aggregate:
+    input:
+        summaries=all_summaries(),
+        checked=RUNS_CHECKED,
+    output:
+        **TABLES,
+    log:
+        f"{LOGS}/aggregate.log",
     params:
         root=lambda wildcards, input: RUNS_ROOT,  # run ids are paths below it
         out=lambda wildcards, output: os.path.dirname(output.runs),
     conda:
         CONDA_ENV
     shell:
-        "msr aggregate --runs {params.root} --out {params.out} {input} > {log} 2>&1"
+        "msr aggregate --runs {params.root} --out {params.out} {input.summaries} > {log} 2>&1"
 
 
-rule fig1_curves:
-    input:
-        **TABLES,
-    output:
-        png=report("figures/fig1_curves.png", caption="../report/fig1_curves.rst",
-                   category="Figures", labels={"figure": "1 training curves"}),
-        pdf="figures/fig1_curves.pdf",
-        provenance="results/provenance/fig1_curves.json",
-    log:
-        notebook="results/notebooks/fig1_curves.ipynb",
-    params:
-        variants=config["variants"],
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/fig1_curves.ipynb"
+# One notebook rule per entry of ANALYSES; a figure writes png + pdf, a table csv + md + tex,
+# each with a caption in workflow/report/<name>.rst for `snakemake --report`.
+for _item in ANALYSES:
+    _files = analysis_files(_item)
+    _caption = f"../report/{_item['name']}.rst"
+    if _item["kind"] == "figure":
+        _outputs = dict(
+            png=report(_files[0], caption=_caption, category="Figures", labels={"figure": _item["label"]}),
+            pdf=_files[1],
+        )
+    else:
+        _outputs = dict(
+            csv=report(_files[0], caption=_caption, category="Tables", labels={"table": _item["label"]}),
+            md=_files[1],
+            tex=_files[2],
+        )
+
+    rule:
+        name:
+            _item["name"]
+        input:
+            **TABLES,
+        output:
+            **_outputs,
+            provenance=f"{RESULTS}/provenance/{_item['name']}.json",
+        log:
+            notebook=f"{RESULTS}/notebooks/{_item['name']}.ipynb",
+        params:
+            **_item["params"],
+            # the notebook directive's path is evaluated again when the job runs, after this loop
+            # has moved on: name it through a param (formatted per job), not through _item
+            notebook=_item["name"],
+        conda:
+            CONDA_ENV
+        notebook:
+            "../../notebooks/{params.notebook}.ipynb"
 
 
-rule fig2_mean_shift:
-    input:
-        **TABLES,
-    output:
-        png=report("figures/fig2_mean_shift.png", caption="../report/fig2_mean_shift.rst",
-                   category="Figures", labels={"figure": "2 mean shift"}),
-        pdf="figures/fig2_mean_shift.pdf",
-        provenance="results/provenance/fig2_mean_shift.json",
-    log:
-        notebook="results/notebooks/fig2_mean_shift.ipynb",
-    params:
-        variants=["plain", "bn", "zmi", "msr"],
-        **PROBE_SELECTION,
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/fig2_mean_shift.ipynb"
-
-
-rule fig3_lr_stability:
-    input:
-        **TABLES,
-    output:
-        png=report("figures/fig3_lr_stability.png", caption="../report/fig3_lr_stability.rst",
-                   category="Figures", labels={"figure": "3 learning-rate stability"}),
-        pdf="figures/fig3_lr_stability.pdf",
-        provenance="results/provenance/fig3_lr_stability.json",
-    log:
-        notebook="results/notebooks/fig3_lr_stability.ipynb",
-    params:
-        **sweep_params("lr"),
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/fig3_lr_stability.ipynb"
-
-
-rule fig4_isocline:
-    input:
-        **TABLES,
-    output:
-        png=report("figures/fig4_isocline.png", caption="../report/fig4_isocline.rst",
-                   category="Figures", labels={"figure": "4 isocline"}),
-        pdf="figures/fig4_isocline.pdf",
-        provenance="results/provenance/fig4_isocline.json",
-    log:
-        notebook="results/notebooks/fig4_isocline.ipynb",
-    params:
-        variants=["nf", "zmi", "zmg", "msr"],
-        **PROBE_SELECTION,
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/fig4_isocline.ipynb"
-
-
-rule fig5_batch_size:
-    input:
-        **TABLES,
-    output:
-        png=report("figures/fig5_batch_size.png", caption="../report/fig5_batch_size.rst",
-                   category="Figures", labels={"figure": "5 batch size"}),
-        pdf="figures/fig5_batch_size.pdf",
-        provenance="results/provenance/fig5_batch_size.json",
-    log:
-        notebook="results/notebooks/fig5_batch_size.ipynb",
-    params:
-        **sweep_params("batch_size"),
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/fig5_batch_size.ipynb"
-
-
-rule fig6_noise:
-    input:
-        **TABLES,
-    output:
-        png=report("figures/fig6_noise.png", caption="../report/fig6_noise.rst",
-                   category="Figures", labels={"figure": "6 noise magnitude"}),
-        pdf="figures/fig6_noise.pdf",
-        provenance="results/provenance/fig6_noise.json",
-    log:
-        notebook="results/notebooks/fig6_noise.ipynb",
-    params:
-        **sweep_params("noise_delta"),
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/fig6_noise.ipynb"
-
-
-rule tab1_ablation:
-    input:
-        **TABLES,
-    output:
-        csv=report("figures/tab1_ablation.csv", caption="../report/tab1_ablation.rst",
-                   category="Tables", labels={"table": "T1 main ablation"}),
-        md="figures/tab1_ablation.md",
-        tex="figures/tab1_ablation.tex",
-        provenance="results/provenance/tab1_ablation.json",
-    log:
-        notebook="results/notebooks/tab1_ablation.ipynb",
-    params:
-        variants=config["variants"],
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/tab1_ablation.ipynb"
-
-
-rule tab2_cost:
-    input:
-        **TABLES,
-    output:
-        csv=report("figures/tab2_cost.csv", caption="../report/tab2_cost.rst",
-                   category="Tables", labels={"table": "T2 cost"}),
-        md="figures/tab2_cost.md",
-        tex="figures/tab2_cost.tex",
-        provenance="results/provenance/tab2_cost.json",
-    log:
-        notebook="results/notebooks/tab2_cost.ipynb",
-    params:
-        variants=config["variants"],
-    conda:
-        CONDA_ENV
-    notebook:
-        "../../notebooks/tab2_cost.ipynb"
-
-
+# The set's manifest: every file of every figure/table with its sha256, the runs each was made
+# from (provenance) with their directories and file hashes, the code's git commit, and the
+# config (its hash, and the resolved config itself, also kept as results/<set>/config.json).
+# A set interrupted while its notebooks ran is a mix of old and new files until the next run
+# (`make run` finishes it); `msr verify figures/<set>` tells which files no longer match.
 rule manifest:
     input:
         files=all_outputs(),
-        provenance=expand("results/provenance/{name}.json", name=FIGURES + TABLES_OUT),
+        provenance=expand(f"{RESULTS}/provenance/{{name}}.json", name=[item["name"] for item in ANALYSES]),
         runs=TABLES["runs"],
     output:
-        "figures/MANIFEST.json",
+        manifest=MANIFEST,
+        config=f"{RESULTS}/config.json",
     log:
-        "results/logs/manifest.log",
+        f"{LOGS}/manifest.log",
     params:
         config_sha256=config_sha256(),
+        config_json=config_json(),
+        runs_root=lambda wildcards, input: RUNS_ROOT,
     conda:
         CONDA_ENV
     shell:
-        "msr manifest --provenance {input.provenance} --runs-table {input.runs} "
-        "--config-sha256 {params.config_sha256} --out {output} > {log} 2>&1"
+        "printf '%s\\n' {params.config_json:q} > {output.config} && "
+        "msr manifest --provenance {input.provenance} --runs-table {input.runs} --runs {params.runs_root} "
+        "--config-sha256 {params.config_sha256} --config-record {output.config} "
+        "--out {output.manifest} > {log} 2>&1"

@@ -1,42 +1,72 @@
-# Shared definitions: the grid of runs built from the (validated) config, and the paths of
-# every file the rules exchange. Functions only - no rules here.
+# Shared definitions: the validated config, the grid of runs built from it, and the paths of
+# every file the rules exchange. Functions and constants only - no rules here.
+#
+# Every output of a config lives under its set's name (config `name:`): results/<name>/ (runs,
+# tables, executed notebooks, provenance, logs, benchmarks, checks) and figures/<name>/ (figures,
+# tables, MANIFEST.json), so two sets never share or clear each other's files. Only data/ (the
+# datasets, identical for every set) is shared.
 
 import hashlib
 import json
-import math
 import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 try:
+    from msr import gridcheck
     from msr.data import cache_path as _msr_cache_path
     from msr.models import parse_arch as _msr_parse_arch
-    from msr.variants import VARIANTS as _MSR_VARIANTS
 except ImportError as err:  # pragma: no cover - a setup problem, not a config problem
     raise WorkflowError(
         f"the msr package is not importable ({err}); run `make run` (creates .venv) or "
         "`pip install -e .` in the environment that runs snakemake"
     )
 
-# Rules call the `msr` console script: make the one next to this Python interpreter win, so
-# `.venv/bin/snakemake` works without activating the venv (also inside cluster jobs, which
-# re-read this file).
+
+def _config_error(err):
+    return WorkflowError(str(err))
+
+
+# --------------------------------------------------------------------- the config, checked
+# Order matters: the schema's message for `--config seeds=[0,1]` ("'0' is not of type
+# 'integer'") hides the cause, so that case is named first; gridcheck's checks need the
+# defaults the schema fills in.
+try:
+    gridcheck.check_types(config)
+except gridcheck.GridError as err:
+    raise _config_error(err)
+
+validate(config, "../schemas/config.schema.yaml")
+
+try:
+    gridcheck.check_config(config)
+except gridcheck.GridError as err:
+    raise _config_error(err)
+
+# Rules call the `msr` console script (and `python -m msr.gridcheck`): make the ones next to
+# this Python interpreter win, so `.venv/bin/snakemake` works without activating the venv (also
+# inside cluster jobs, which re-read this file).
 os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 
 # The software environment of every rule when run with `--sdm conda` (otherwise the
 # environment that runs snakemake is used; see workflow/envs/msr.yaml).
 CONDA_ENV = "../envs/msr.yaml"
-RUNS_ROOT = "results/runs"
+
+SET = config["name"]
+RESULTS = f"results/{SET}"
+FIGURES_DIR = f"figures/{SET}"
+RUNS_ROOT = f"{RESULTS}/runs"
+LOGS = f"{RESULTS}/logs"
 TABLES = {
-    "runs": "results/tables/runs.csv",
-    "summary": "results/tables/summary.csv",
-    "curves": "results/tables/curves.csv",
+    "runs": f"{RESULTS}/tables/runs.csv",
+    "summary": f"{RESULTS}/tables/summary.csv",
+    "curves": f"{RESULTS}/tables/curves.csv",
 }
+MANIFEST = f"{FIGURES_DIR}/MANIFEST.json"
 DATA_ROOT = config["train"]["data_root"]
 # msr.data downloads CIFAR into <data_root>/raw/<folder> (the folder inside the official archive)
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -51,102 +81,28 @@ def check_archs(archs, where):
             raise WorkflowError(f"config {where}: {err}")
 
 
-def fmt_value(value):
-    """Sweep values in run tags: 0.05 -> '0.05', 1.0 -> '1', 32 -> '32'."""
-    return format(float(value), "g") if not isinstance(value, int) else str(value)
+check_archs(config["archs"], "archs")
+for _sweep_name, _sweep in config["sweeps"].items():
+    if _sweep["archs"] is not None:
+        check_archs(_sweep["archs"], f"sweeps.{_sweep_name}.archs")
+for _name in ("probe_dataset", "probe_arch"):
+    _value = config["analysis"][_name]
+    _valid = config["datasets"] if _name == "probe_dataset" else config["archs"]
+    if _value is not None and _value not in _valid:
+        raise WorkflowError(f"config analysis.{_name}={_value!r} is not in the grid's "
+                            f"{'datasets' if _name == 'probe_dataset' else 'archs'} {_valid}")
 
+try:
+    RUNS = gridcheck.build_grid(config)
+except gridcheck.GridError as err:
+    raise _config_error(err)
 
-@dataclass(frozen=True)
-class Run:
-    """One training run: its place in the grid and the options only it gets."""
-
-    dataset: str
-    arch: str
-    variant: str
-    tag: str  # base | lr<v> | bs<v> | d<v>
-    seed: int
-    lr: float | None = None  # None: the variant's default
-    batch_size: int = 128
-    noise_delta: float | None = None  # None: the variant's default
-
-    @property
-    def key(self):
-        return (self.dataset, self.arch, self.variant, self.tag, str(self.seed))
-
-    @property
-    def dir(self):
-        return f"{RUNS_ROOT}/{self.dataset}/{self.arch}/{self.variant}/{self.tag}/seed{self.seed}"
-
-    @property
-    def summary(self):
-        return f"{self.dir}/summary.json"
-
-
-def base_lr(variant):
-    return config["train"]["lr"] if config["train"]["lr"] is not None else _MSR_VARIANTS[variant].lr
-
-
-def base_noise(variant):
-    """train.noise_delta changes the magnitude of the noisy variants only (a variant without
-    noise keeps none); None keeps each variant's own."""
-    delta, own = config["train"]["noise_delta"], _MSR_VARIANTS[variant].noise_delta
-    return delta if delta is not None and own > 0 else own
-
-
-def build_grid(cfg):
-    """Every run of the config, in a stable order: the main grid, then each sweep.
-
-    A sweep point that is exactly a run of the main grid (same dataset, arch, variant, seed and
-    the same resolved value) is not trained twice: the figures take it from the main grid.
-    """
-    train = cfg["train"]
-    runs = {}
-
-    def add(run):
-        runs.setdefault(run.key, run)
-
-    def base(variant):
-        noisy = train["noise_delta"] is not None and _MSR_VARIANTS[variant].noise_delta > 0
-        return dict(lr=train["lr"], batch_size=train["batch_size"],
-                    noise_delta=train["noise_delta"] if noisy else None)
-
-    for dataset in cfg["datasets"]:
-        for arch in cfg["archs"]:
-            for variant in cfg["variants"]:
-                for seed in cfg["seeds"]:
-                    add(Run(dataset, arch, variant, "base", seed, **base(variant)))
-    in_main = lambda d, a, v, s: (d in cfg["datasets"] and a in cfg["archs"]  # noqa: E731
-                                  and v in cfg["variants"] and s in cfg["seeds"])
-
-    for name, sweep in cfg["sweeps"].items():
-        datasets = sweep["datasets"] if sweep["datasets"] is not None else cfg["datasets"]
-        archs = sweep["archs"] if sweep["archs"] is not None else cfg["archs"]
-        seeds = sweep["seeds"] if sweep["seeds"] is not None else cfg["seeds"]
-        check_archs(archs, f"sweeps.{name}.archs")
-        for dataset in datasets:
-            for arch in archs:
-                for variant in sweep["variants"]:
-                    for value in sweep["values"]:
-                        for seed in seeds:
-                            opts = base(variant)
-                            if name == "lr":
-                                tag, same = f"lr{fmt_value(value)}", value == base_lr(variant)
-                                opts["lr"] = float(value)
-                            elif name == "batch_size":
-                                value = int(value)
-                                tag, same = f"bs{value}", value == train["batch_size"]
-                                opts["batch_size"] = value
-                                scale = {"none": None, "linear": value / train["batch_size"],
-                                         "sqrt": math.sqrt(value / train["batch_size"])}[sweep["lr_scaling"]]
-                                if scale is not None:
-                                    opts["lr"] = round(base_lr(variant) * scale, 10)
-                            else:
-                                tag, same = f"d{fmt_value(value)}", value == base_noise(variant)
-                                opts["noise_delta"] = float(value)
-                            if same and in_main(dataset, arch, variant, seed):
-                                continue
-                            add(Run(dataset, arch, variant, tag, seed, **opts))
-    return runs
+# What every run's config.json must record (gridcheck.expected_record), keyed by run path;
+# its hash names the check_runs output, so a config edit that changes any run's options
+# reruns the check even where Snakemake keeps no metadata (analysis.smk, check_runs).
+EXPECTED = {run.path: gridcheck.expected_record(run, config) for run in RUNS.values()}
+GRID_SHA = hashlib.sha256(json.dumps(EXPECTED, sort_keys=True).encode()).hexdigest()[:16]
+RUNS_CHECKED = f"{RESULTS}/checks/runs-{GRID_SHA}.json"
 
 
 def processed_path(dataset):
@@ -158,25 +114,24 @@ def processed_path(dataset):
                             f"for dataset {dataset!r}: {err}")
 
 
-check_archs(config["archs"], "archs")
-for _name in ("probe_dataset", "probe_arch"):
-    _value = config["analysis"][_name]
-    _valid = config["datasets"] if _name == "probe_dataset" else config["archs"]
-    if _value is not None and _value not in _valid:
-        raise WorkflowError(f"config analysis.{_name}={_value!r} is not in the grid's "
-                            f"{'datasets' if _name == 'probe_dataset' else 'archs'} {_valid}")
-
-RUNS = build_grid(config)
 DATASETS = sorted({run.dataset for run in RUNS.values()})
 PREPARED = {processed_path(d): d for d in DATASETS}  # cache path -> dataset
 
 
 def prepare_input(wildcards):
-    """CIFAR is prepared from its downloaded folder; digits/synthetic need no input."""
+    """CIFAR is prepared from its downloaded folder; digits, synthetic and Fashion-MNIST (an
+    extracted copy, a mirror such as Debian's package, or the download: msr finds it) need none."""
     dataset = PREPARED[f"{DATA_ROOT}/processed/{wildcards.name}.pt"]
     if dataset in CIFAR_FOLDERS:
         return [f"{DATA_ROOT}/raw/{CIFAR_FOLDERS[dataset]}"]
     return []
+
+
+def run_of(wildcards):
+    key = (wildcards.dataset, wildcards.arch, wildcards.variant, wildcards.tag, wildcards.seed)
+    if key not in RUNS:
+        raise WorkflowError(f"{'/'.join(key)} is not a run of the configured grid (set {SET!r})")
+    return RUNS[key]
 
 
 def probe_every(run):
@@ -188,10 +143,7 @@ def probe_every(run):
 def train_args(wildcards):
     """The command-line options of one run - and nothing else, so editing any other part of the
     config (another run, a sweep, the analysis) never changes this job's params."""
-    key = (wildcards.dataset, wildcards.arch, wildcards.variant, wildcards.tag, wildcards.seed)
-    if key not in RUNS:
-        raise WorkflowError(f"{'/'.join(key)} is not a run of the configured grid")
-    run, train = RUNS[key], config["train"]
+    run, train = run_of(wildcards), config["train"]
     args = [f"--dataset {run.dataset}", f"--arch {run.arch}", f"--variant {run.variant}",
             f"--seed {run.seed}", f"--epochs {train['epochs']}", f"--batch-size {run.batch_size}",
             f"--device {train['device']}", f"--probe-every {probe_every(run)}",
@@ -202,40 +154,53 @@ def train_args(wildcards):
         args.append(f"--noise-delta {run.noise_delta!r}")
     if train["image_size"] is not None:
         args.append(f"--image-size {train['image_size']}")
+    if train["precision"] != "auto":
+        args.append(f"--precision {train['precision']}")
+    if train["train_subset"] is not None:
+        args.append(f"--train-subset {train['train_subset']}")
     for name, value in sorted(train["overrides"].items()):
         args.append(f"--override {shlex.quote(f'{name}={json.dumps(value)}')}")
     return " ".join(args)
 
 
+def expected_json(wildcards):
+    """What the run's config.json must say; the train job clears a directory that says otherwise."""
+    return json.dumps(EXPECTED[run_of(wildcards).path], sort_keys=True, separators=(",", ":"))
+
+
+def runs_per_gpu():
+    """K of `msr train --gpu-slots K`: runs sharing one GPU (msr claims a free slot itself); 0 (off)
+    for CPU runs, which hold no GPU (`auto` lets msr decide: it skips the claim without a GPU)."""
+    return config["resources"]["runs_per_gpu"] if config["train"]["device"] != "cpu" else 0
+
+
 def all_summaries():
-    return [run.summary for run in RUNS.values()]
+    return [f"{RUNS_ROOT}/{run.path}/summary.json" for run in RUNS.values()]
+
+
+def config_json():
+    """The whole validated config (defaults filled in) as canonical JSON, recorded in the manifest."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def config_sha256():
-    """Hash of the whole validated config (defaults filled in), for the manifest."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """Hash of config_json() (msr.manifest.config_digest computes the same), for the manifest."""
+    return hashlib.sha256(config_json().encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- figures and tables
-# name -> outputs (besides the provenance record); every figure is PNG + PDF, every table
-# CSV + Markdown + LaTeX
-FIGURES = ["fig1_curves", "fig2_mean_shift", "fig3_lr_stability", "fig4_isocline",
-           "fig5_batch_size", "fig6_noise"]
-TABLES_OUT = ["tab1_ablation", "tab2_cost"]
-
-
-def figure_files(name):
-    return [f"figures/{name}.png", f"figures/{name}.pdf"]
-
-
-def table_files(name):
-    return [f"figures/{name}.csv", f"figures/{name}.md", f"figures/{name}.tex"]
-
-
-def all_outputs():
-    files = [f for name in FIGURES for f in figure_files(name)]
-    return files + [f for name in TABLES_OUT for f in table_files(name)]
+def resolved_sweep(name):
+    """A sweep's settings with its null axes resolved to the main grid's, as notebooks need them."""
+    sweep = config["sweeps"][name]
+    return {
+        "variants": sweep["variants"],
+        "values": sweep["values"],
+        "seeds": sweep["seeds"] if sweep["seeds"] is not None else config["seeds"],
+        "datasets": sweep["datasets"] if sweep["datasets"] is not None else config["datasets"],
+        "archs": sweep["archs"] if sweep["archs"] is not None else config["archs"],
+        "lr_scaling": sweep["lr_scaling"],
+        "base_batch_size": config["train"]["batch_size"],
+    }
 
 
 def sweep_params(name):
@@ -253,3 +218,44 @@ PROBE_SELECTION = {
     "dataset": config["analysis"]["probe_dataset"] or config["datasets"][0],
     "arch": config["analysis"]["probe_arch"] or config["archs"][0],
 }
+# the claims table and the peers figure compare variants across the whole study
+STUDY = {
+    "variants": config["variants"],
+    "datasets": config["datasets"],
+    "archs": config["archs"],
+    "seeds": config["seeds"],
+    "sweeps": {name: resolved_sweep(name) for name in ("lr", "batch_size", "noise_delta")},
+}
+
+# Every figure and table: one notebook each (notebooks/<name>.ipynb), one rule each, generated
+# from this list in analysis.smk. kind: figure -> PNG + PDF; table -> CSV + Markdown + LaTeX.
+# label: its entry in `snakemake --report`; caption: workflow/report/<name>.rst.
+ANALYSES = [
+    dict(name="fig1_curves", kind="figure", label="1 training curves",
+         params=dict(variants=config["variants"])),
+    dict(name="fig2_mean_shift", kind="figure", label="2 mean shift",
+         params=dict(variants=["plain", "bn", "zmi", "msr"], **PROBE_SELECTION)),
+    dict(name="fig3_lr_stability", kind="figure", label="3 learning-rate stability",
+         params=sweep_params("lr")),
+    dict(name="fig4_isocline", kind="figure", label="4 isocline",
+         params=dict(variants=["nf", "zmi", "zmg", "msr"], **PROBE_SELECTION)),
+    dict(name="fig5_batch_size", kind="figure", label="5 batch size",
+         params=sweep_params("batch_size")),
+    dict(name="fig6_noise", kind="figure", label="6 noise magnitude",
+         params=sweep_params("noise_delta")),
+    dict(name="fig7_peers", kind="figure", label="7 every variant", params=STUDY),
+    dict(name="tab1_ablation", kind="table", label="T1 main ablation",
+         params=dict(variants=config["variants"])),
+    dict(name="tab2_cost", kind="table", label="T2 cost",
+         params=dict(variants=config["variants"])),
+    dict(name="tab3_claims", kind="table", label="T3 claims and verdicts", params=STUDY),
+]
+EXTENSIONS = {"figure": ["png", "pdf"], "table": ["csv", "md", "tex"]}
+
+
+def analysis_files(item):
+    return [f"{FIGURES_DIR}/{item['name']}.{ext}" for ext in EXTENSIONS[item["kind"]]]
+
+
+def all_outputs():
+    return [f for item in ANALYSES for f in analysis_files(item)]

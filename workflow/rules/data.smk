@@ -1,12 +1,15 @@
 # Data: download (CIFAR only; checksum verified by msr) -> prepare (processed uint8 cache).
-# `digits` ships with scikit-learn and `synthetic` is generated: they need no download.
+# `digits` ships with scikit-learn and `synthetic` is generated; `fashion_mnist` is found by msr
+# itself (an extracted copy under <data_root>/raw/, the mirror folder - train.data_mirror, by
+# default Debian's dataset-fashion-mnist package - then the official download): no input.
+# data/ is shared by every config set; the logs are the set's.
 
 
 rule download:
     output:
         directory(f"{DATA_ROOT}/raw/{{folder}}"),
     log:
-        "results/logs/download/{folder}.log",
+        f"{LOGS}/download/{{folder}}.log",
     params:
         dataset=lambda wildcards: {v: k for k, v in CIFAR_FOLDERS.items()}[wildcards.folder],
         root=lambda wildcards, output: Path(output[0]).parent.parent,
@@ -25,16 +28,20 @@ rule prepare:
     output:
         f"{DATA_ROOT}/processed/{{name}}.pt",
     log:
-        "results/logs/prepare/{name}.log",
+        f"{LOGS}/prepare/{{name}}.log",
     params:
         dataset=lambda wildcards, output: PREPARED[output[0]],
         root=lambda wildcards, output: Path(output[0]).parent.parent,
         size=(f"--image-size {config['train']['image_size']}"
               if config["train"]["image_size"] is not None else ""),
+        mirror=(f"--mirror {shlex.quote(config['train']['data_mirror'])}"
+                if config["train"]["data_mirror"] is not None else ""),
+        # CIFAR comes from the download rule; Fashion-MNIST may still need its download
+        no_download=lambda wildcards, output: "--no-download" if PREPARED[output[0]] in CIFAR_FOLDERS else "",
     wildcard_constraints:
         name="|".join(re.escape(Path(p).stem) for p in PREPARED),
     conda:
         CONDA_ENV
     shell:
         "msr prepare --dataset {params.dataset} --data-root {params.root} {params.size} "
-        "--no-download > {log} 2>&1"
+        "{params.mirror} {params.no_download} > {log} 2>&1"

@@ -3,9 +3,19 @@
 # config.json, metrics.csv, probes.csv and checkpoint.pt.
 #
 # A rerun of the same run (a killed or failed job) resumes from checkpoint.pt. A rerun because
-# the run's options changed (Snakemake's params trigger, e.g. more epochs) must start over:
-# the options of the last attempt are kept in .snakemake-args and the directory is cleared
-# when they differ (msr itself refuses to mix two configs in one directory).
+# the run's options changed (Snakemake's params trigger, e.g. more epochs, or check_runs in
+# analysis.smk) must start over: `msr.gridcheck reset` clears the directory when its
+# config.json records other options than the config gives (msr itself refuses to mix two
+# configs in one directory).
+#
+# Resources: every train job takes one `gpu_slots` (a counter: a GPU profile's global
+# `resources: gpu_slots: N` = GPUs x runs per GPU caps how many run at once; without it they are
+# unlimited, as on a CPU). On a GPU, `msr train --gpu-slots K` (K = the config's
+# resources.runs_per_gpu; 0 = off) then claims a free (GPU, slot) pair itself, since Snakemake
+# assigns no GPU ids. K travels as the resource `runs_per_gpu`, not as a param: resources are no
+# rerun trigger, so changing how runs share GPUs never retrains a finished run (and a profile can
+# override it per rule with set-resources). `gpu` (GPUs per job) is declared only where the
+# config asks for it (the SLURM profile turns it into --gpus).
 
 
 rule train:
@@ -14,26 +24,25 @@ rule train:
     output:
         f"{RUNS_ROOT}/{{dataset}}/{{arch}}/{{variant}}/{{tag}}/seed{{seed}}/summary.json",
     log:
-        "results/logs/train/{dataset}/{arch}/{variant}/{tag}/seed{seed}.log",
+        f"{LOGS}/train/{{dataset}}/{{arch}}/{{variant}}/{{tag}}/seed{{seed}}.log",
     benchmark:
-        "results/benchmarks/train/{dataset}/{arch}/{variant}/{tag}/seed{seed}.tsv"
+        f"{RESULTS}/benchmarks/train/{{dataset}}/{{arch}}/{{variant}}/{{tag}}/seed{{seed}}.tsv"
     params:
         args=train_args,
+        expected=expected_json,
         out=lambda wildcards, output: os.path.dirname(output[0]),
     wildcard_constraints:
         seed=r"\d+",
         tag=r"[A-Za-z0-9._+-]+",
     threads: config["resources"]["threads"]
     resources:
-        gpu=config["resources"]["gpu"],
+        gpu_slots=1,
+        runs_per_gpu=runs_per_gpu(),
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
+        **({"gpu": config["resources"]["gpu"]} if config["resources"]["gpu"] > 0 else {}),
     conda:
         CONDA_ENV
     shell:
-        "mkdir -p {params.out}; "
-        "if [ -f {params.out}/.snakemake-args ] && "
-        "[ \"$(cat {params.out}/.snakemake-args)\" != {params.args:q} ]; then "
-        "rm -rf {params.out} && mkdir -p {params.out}; fi; "
-        "printf '%s' {params.args:q} > {params.out}/.snakemake-args; "
-        "msr train {params.args} --threads {threads} --out {params.out} > {log} 2>&1"
+        "python -m msr.gridcheck reset {params.out} {params.expected:q} > {log} 2>&1 && "
+        "msr train {params.args} --threads {threads} --gpu-slots {resources.runs_per_gpu} --out {params.out} >> {log} 2>&1"
