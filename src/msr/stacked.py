@@ -144,7 +144,6 @@ class StackedSeeds:
             for name in self.buffers:
                 _set_tensor(m, name, self.buffers[name][i], param=False)
         names = {id(p): n for n, p in self.models[0].named_parameters()}
-        self._names_of_model0 = names
 
         # the module the vmapped forward calls: model 0's structure, no storage of its own
         self.base = copy.deepcopy(self.models[0]).to("meta")
