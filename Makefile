@@ -3,6 +3,7 @@
 #   make run PROFILE=fashion-cpu     another config set (workflow/profiles/<PROFILE>)
 #   make run ARGS="--configfile my.yaml"   anything else for snakemake
 #   make run SETUP= BIN=$$CONDA_PREFIX/bin   use an existing environment instead of .venv
+#   make run PREFORK=                plain snakemake, without msr's fork server
 PYTHON  ?= python3
 VENV    := .venv
 BIN     ?= $(VENV)/bin
@@ -11,6 +12,8 @@ SETUP   ?= $(STAMP)
 CORES   ?= all
 PROFILE ?=
 ARGS    ?=
+# a fork server that starts every `msr train` job without re-importing torch (msr.prefork)
+PREFORK ?= $(BIN)/msr prefork --
 # the config set (its `name:`): each profile's set is named after the profile
 SET     ?= $(if $(PROFILE),$(PROFILE),digits)
 SNAKEMAKE_OPTS = --cores $(CORES) $(if $(PROFILE),--workflow-profile workflow/profiles/$(PROFILE)) $(ARGS)
@@ -35,7 +38,7 @@ $(STAMP): pyproject.toml
 # (never one of a Snakemake still running here), and jobs it left incomplete are rerun.
 run: $(SETUP)
 	$(BIN)/python workflow/scripts/unlock_stale.py
-	$(BIN)/snakemake $(SNAKEMAKE_OPTS) --rerun-incomplete
+	$(PREFORK) $(BIN)/snakemake $(SNAKEMAKE_OPTS) --rerun-incomplete
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
