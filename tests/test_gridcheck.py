@@ -130,6 +130,9 @@ def test_expected_record_is_what_msr_train_records(tmp_path):
     cfg["train"]["epochs"] = 2
     stale = gridcheck.find_stale(tmp_path, {r.path: gridcheck.expected_record(r, cfg) for r in runs})
     assert stale == {r.path: ["epochs: 1 -> 2"] for r in runs}
+    cfg["train"].update(epochs=1, train_subset=500)  # trained on the whole set: stale too
+    stale = gridcheck.find_stale(tmp_path, {r.path: gridcheck.expected_record(r, cfg) for r in runs})
+    assert stale == {r.path: ["train_subset: None -> 500"] for r in runs}
 
 
 def fake_run(root: Path, path: str, record: dict) -> Path:

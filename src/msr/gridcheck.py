@@ -226,7 +226,7 @@ def expected_record(run: Run, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     Only what decides the result: not the device, threads or probe interval. ``precision`` and
     ``image_size`` are compared only when the config sets them (``auto``/null resolve inside
-    msr by device and dataset).
+    msr by device and dataset); ``train_subset`` always.
     """
     train = cfg["train"]
     overrides = dict(train["overrides"])
@@ -242,8 +242,8 @@ def expected_record(run: Run, cfg: Mapping[str, Any]) -> dict[str, Any]:
         record["image_size"] = train["image_size"]
     if train.get("precision", "auto") != "auto":
         record["precision"] = train["precision"]
-    if train.get("train_subset") is not None:
-        record["train_subset"] = train["train_subset"]
+    # msr records train_subset always (None: the whole set; older runs lack the key: the same)
+    record["train_subset"] = train.get("train_subset")
     return record
 
 
