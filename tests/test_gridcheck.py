@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,6 +183,23 @@ def test_reset_clears_only_a_directory_of_other_options(tmp_path):
     assert gridcheck.reset(other, want, log=lines.append) is True and not other.exists()
     assert lines == [f"{other}: options changed (epochs: 3 -> 10); starting this run over"]
     assert gridcheck.reset(tmp_path / "new", want) is False  # nothing there yet
+
+    # a directory another process is writing is never cleared under its feet
+    from msr.rundir import RunDirError
+
+    busy = fake_run(tmp_path, "busy", {**want, "epochs": 3})
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from msr.rundir import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(busy)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"{busy} is being written by another process .*pid {holder.pid}"):
+            gridcheck.reset(busy, want)
+        assert (busy / "summary.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert gridcheck.reset(busy, want) is True and not busy.exists()
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()

@@ -337,8 +337,13 @@ def reset(run_dir: str | Path, expected: Mapping[str, Any], log=print) -> bool:
     diff = differences(expected, record)
     if not diff:
         return False
-    log(f"{run_dir}: options changed ({', '.join(diff)}); starting this run over")
-    shutil.rmtree(run_dir)
+    from msr.rundir import RunLock  # no torch
+
+    # never under a live writer's feet (a duplicate job, a second Snakemake with --nolock):
+    # RunLock fails at once naming the holder
+    with RunLock(run_dir):
+        log(f"{run_dir}: options changed ({', '.join(diff)}); starting this run over")
+        shutil.rmtree(run_dir)
     return True
 
 
@@ -349,9 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("expected", help="the options as JSON (expected_record)")
     args = parser.parse_args(argv)
+    from msr.rundir import RunDirError
+
     try:
         reset(args.run_dir, json.loads(args.expected))
-    except (GridError, OSError) as err:
+    except (GridError, RunDirError, OSError) as err:
         print(f"msr.gridcheck reset: {err}", file=sys.stderr)
         return 1
     return 0
