@@ -18,7 +18,7 @@
 
 # %% [markdown]
 # # Figure 2 - mean shift through depth and training
-# METHOD.md claim 1: without normalization a *spatial common-mode signal* - the per-channel
+# docs/method.md, claim 1: without normalization a *spatial common-mode signal* - the per-channel
 # mean of conv outputs, relative to their spread - grows through depth; BatchNorm removes it
 # and zero-mean kernels (ZMI, kept by ZMG in `msr`) reject it.
 #

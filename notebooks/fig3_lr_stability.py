@@ -18,7 +18,7 @@
 
 # %% [markdown]
 # # Figure 3 - learning-rate stability
-# METHOD.md claim 1 (and 2): without normalization, deep nets are unstable at high learning
+# docs/method.md, claim 1 (and 2): without normalization, deep nets are unstable at high learning
 # rate; mean shift rejection makes them trainable where `plain` diverges.
 #
 # For each variant of the lr sweep: left, final-epoch test accuracy (mean +- std over the seeds

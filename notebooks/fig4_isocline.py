@@ -18,7 +18,7 @@
 
 # %% [markdown]
 # # Figure 4 - the zero-mean isocline
-# METHOD.md claim 2: ZMI puts every spatial kernel on the zero-mean "isocline" and ZMG keeps it
+# docs/method.md, claim 2: ZMI puts every spatial kernel on the zero-mean "isocline" and ZMG keeps it
 # there for the whole run; ZMI alone drifts off it, ZMG alone keeps the initial slice means
 # frozen (`zmg`, non-zero), and `nf` has neither.
 #

@@ -18,7 +18,7 @@
 
 # %% [markdown]
 # # Figure 5 - batch-size sensitivity
-# METHOD.md claim 5: mean shift rejection needs no minibatch statistics, so - unlike BatchNorm -
+# docs/method.md, claim 5: mean shift rejection needs no minibatch statistics, so - unlike BatchNorm -
 # it should not care how small the minibatch is.
 #
 # Final-epoch test accuracy (mean +- std over completed seeds) and the fraction of diverged

@@ -18,7 +18,7 @@
 
 # %% [markdown]
 # # Figure 6 - noise magnitude
-# METHOD.md claim 4: multiplicative noise injected throughout the network while training
+# docs/method.md, claim 4: multiplicative noise injected throughout the network while training
 # ("deep data augmentation", what BatchNorm's minibatch noise does implicitly) improves
 # generalization.
 #

@@ -24,7 +24,7 @@
 # whole axis - a variant whose seeds sit in or above the band is as good as BatchNorm here.
 # Seeds whose loss became non-finite have no accuracy: they are an `x` in the strip at the
 # bottom with their count (never a point at 0%); the variant's mean is of its other seeds.
-# METHOD.md claims 5 (`msr_noise` beats `bn`) and 6 (`wn`, `fixup`, `skipinit` do not reach
+# docs/method.md, claims 5 (`msr_noise` beats `bn`) and 6 (`wn`, `fixup`, `skipinit` do not reach
 # it) are judged with confidence intervals in Table 3.
 #
 # The accuracy axis is spaced by the logarithm of the error (100 - accuracy): 90 -> 99 takes as

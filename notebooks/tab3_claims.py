@@ -18,7 +18,7 @@
 
 # %% [markdown]
 # # Table 3 - the paper's claims, judged from the runs
-# One row per claim of METHOD.md "Claims and verdicts" (claim 6: one row per peer) per dataset
+# One row per claim of docs/method.md, "Claims, verdicts and the rule" (claim 6: one row per peer) per dataset
 # and arch: the comparison it rests on, the effect with its 95% confidence interval, n per
 # side (and how many of those seeds diverged), a verdict - `supported`, `contradicted`,
 # `inconclusive` - and the reason for it. The rule is `msr.claims` (one function, unit-tested;
@@ -141,7 +141,7 @@ NOTES = [
 msr_io.write_text(snakemake.output.md, "**Table 3 - the paper's claims, judged from the runs.**\n\n"
                   + report.to_markdown(display, notes=NOTES))
 msr_io.write_text(snakemake.output.tex, report.to_latex(
-    display, caption="The paper's claims (METHOD.md) judged from the runs: effect, 95% CI, verdict.",
+    display, caption="The paper's claims (docs/method.md) judged from the runs: effect, 95% CI, verdict.",
     label="tab:claims", notes=NOTES))
 used = runs[runs["sweep"].isin(["base", "lr"])] if not runs.empty else runs  # the main grid and the lr sweep
 report.write_provenance(snakemake.output.provenance, "tab3_claims", used["run_id"],

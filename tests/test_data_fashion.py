@@ -22,7 +22,7 @@ from msr.data import DatasetError, fashion_mnist, fetch
 FILES = fashion_mnist.FILES
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = FILES
 
-# NOTES.md, "Fashion-MNIST": the decompressed official content (bytes, md5)
+# measured from Debian's dataset-fashion-mnist: the decompressed official content (bytes, md5)
 OFFICIAL = {
     "train-images-idx3-ubyte": (47_040_016, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
     "train-labels-idx1-ubyte": (60_008, "9018921c3c673c538a1fc5bad174d6f9"),

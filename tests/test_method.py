@@ -1,4 +1,4 @@
-"""METHOD.md's invariants 1, 2, 3, 5, 6 and 9: ZMI, ZMG, cmrr, noise - for any shape."""
+"""the invariants (docs/method.md) 1, 2, 3, 5, 6 and 9: ZMI, ZMG, cmrr, noise - for any shape."""
 
 import pytest
 import torch

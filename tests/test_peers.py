@@ -1,4 +1,4 @@
-"""The peer baselines (research/peers.md): wn, fixup, skipinit, nf_ws, bn_preact, msr_rs, AGC.
+"""The peer baselines (docs/method.md, "Peers"): wn, fixup, skipinit, nf_ws, bn_preact, msr_rs, AGC.
 
 Each test checks a property the peer's source states, on a small net; the generic per-variant
 checks (build, one step, eval per-sample) are in test_variants.py.
@@ -78,7 +78,7 @@ def test_bn_preact_is_the_nf_block_form_with_batchnorm():
 def test_parameter_counts_follow_from_each_peers_extra_parameters():
     """ResNet-20, 3 -> 10 classes, against the plain (no BN, all convs biased) net.
 
-    peers.md: WN adds a g per conv channel and classifier row; Fixup drops the conv biases and
+    WN adds a g per conv channel and classifier row; Fixup drops the conv biases and
     adds 5 scalars per block + 2; SkipInit one scalar per block; NF gains per channel and a skip
     gain per block; msr_rs is msr.
     """
@@ -93,7 +93,7 @@ def test_parameter_counts_follow_from_each_peers_extra_parameters():
         assert count["nf_ws"] == count["plain"] + channels + blocks
         assert count["bn_preact"] == count["bn"]  # the same number of BatchNorm channels, moved
         assert count["msr_rs"] == count["msr"]
-    # peers.md's table of extra parameters for ResNet-20 (3 input channels)
+    # the peers' extra parameters for ResNet-20 (3 input channels)
     plain = n_params(build("plain", depth=20).model)
     no_bias = plain - 688
     assert (n_params(build("wn", depth=20).model) - no_bias, n_params(build("fixup", depth=20).model) - no_bias,
@@ -191,7 +191,7 @@ def test_fixup_branches_are_zero_at_init_so_the_net_is_its_skip_path():
 
 def test_fixup_branches_start_training_in_stages():
     """fc = 0 blocks every gradient at the first backward; conv2 = 0 blocks conv1 and the
-    multiplier at the second; from the third, every branch parameter moves (peers.md 4.2)."""
+    multiplier at the second; from the third, every branch parameter moves (the official Fixup code)."""
     torch.manual_seed(0)
     v = build("fixup", depth=8, num_classes=4)
     model = v.model

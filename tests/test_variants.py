@@ -1,4 +1,4 @@
-"""The variant registry and METHOD.md's invariants 4, 7 and 9 on real models."""
+"""The variant registry and the invariants (docs/method.md) 4, 7 and 9 on real models."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Run directories -> tidy tables and statistics over seeds (presentation lives in msr.report).
 
-``msr aggregate`` reads the run directories written by ``msr train`` (DESIGN.md, "The run
+``msr aggregate`` reads the run directories written by ``msr train`` (docs/architecture.md, "The run
 directory") and writes, into ``--out``:
 
 - ``runs.csv``    one row per run: every config field (the variant spec flattened as

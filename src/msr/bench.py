@@ -7,7 +7,7 @@ Two reports.
   CUDA), the reference;
 - ``compile``: the model under ``torch.compile`` (default mode), as ``msr train --compile``.
   On a CPU it is skipped unless ``--compile-on-cpu``: it costs 20-40 s to compile there and is
-  no faster (NOTES.md);
+  no faster (docs/architecture.md, "Speed");
 - ``compile_cudagraphs``: ``torch.compile(mode="reduce-overhead")`` (CUDA graphs under
   Inductor); CUDA only;
 - ``cuda_graph``: the whole step - forward, loss, backward, the variant's gradient hook (ZMG),

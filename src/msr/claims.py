@@ -1,6 +1,6 @@
 """The paper's claims judged from the runs: statistics, the verdict rule, and table T3.
 
-METHOD.md, "Claims and verdicts": every claim gets a verdict per dataset and arch -
+docs/method.md, "Claims, verdicts and the rule": every claim gets a verdict per dataset and arch -
 ``supported``, ``contradicted`` or ``inconclusive`` - by one rule, stated here and printed
 under the table (:data:`RULES`):
 
@@ -12,7 +12,7 @@ under the table (:data:`RULES`):
 - **Diverged seeds** are not accuracies: a diverged run's last evaluation is of a model about
   to become non-finite (msr.aggregate keeps them out of every mean, and so do we). They enter
   the comparison in two ways instead: (1) a side with fewer than :data:`MIN_SEEDS` completed
-  seeds is ``inconclusive`` (METHOD.md), and (2) divergence can never make a side win: if the
+  seeds is ``inconclusive`` (docs/method.md), and (2) divergence can never make a side win: if the
   CI favours a side that lost seeds to divergence, the verdict is ``inconclusive`` (its mean
   is of its survivors only). If the side with diverged seeds loses anyway, the verdict stands
   and the reason names the count.
@@ -51,7 +51,7 @@ from msr.aggregate import depth_of_arch, t_quantile
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 CONFIDENCE = 0.95
-MIN_SEEDS = 2  # METHOD.md: a group with fewer completed seeds is inconclusive
+MIN_SEEDS = 2  # docs/method.md: a group with fewer completed seeds is inconclusive
 # "Well above chance": a stable run ends at >= chance + STABLE_FRACTION * (1 - chance), i.e.
 # half way from chance to perfect (55% for 10 classes, 50.5% for 100). Low enough that a short
 # run that trains passes, high enough that a run stuck near chance never does.

@@ -59,7 +59,7 @@ def _rows(t: torch.Tensor, granularity: str) -> torch.Tensor:
         if t.shape[2] * t.shape[3] == 1:
             raise ValueError(
                 "channel-granularity projection of a 1x1 kernel would zero its gradient; "
-                "METHOD.md never projects 1x1 weights"
+                "the method never projects 1x1 weights"
             )
         return t.reshape(t.shape[0] * t.shape[1], -1)
     if granularity == "filter":

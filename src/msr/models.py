@@ -9,7 +9,7 @@ of the normalizer-free nets is a separate parameter, so ``W`` stays the object t
 about. Normalization layers are separate modules after each conv, so forward hooks on the convs
 see conv outputs before any norm (what the mean-shift probe measures).
 
-The peers (research/peers.md) live here too:
+The peers (docs/method.md, "Peers") live here too:
 - weight normalization: ``apply_weight_norm_`` reparametrizes every conv and the classifier with
   ``torch.nn.utils.parametrizations.weight_norm``; ``.weight`` then is the effective kernel
   ``g v / ||v||`` and the trained tensors are ``parametrizations.weight.original0/1`` (g, v);
@@ -45,7 +45,7 @@ class GainConv2d(nn.Conv2d):
     than scaling the output (N*O*H*W numbers) and mathematically the same.
 
     ``gain_noise`` > 0 multiplies every gain by U(1-s, 1+s) per filter during training (one draw
-    shared by the batch): METHOD.md's kernel-gain noise option.
+    shared by the batch): the kernel-gain noise option of docs/method.md.
     """
 
     def __init__(self, *args, gain_init: float = 0.8, gain_noise: float = 0.0, **kwargs):
@@ -479,7 +479,7 @@ def deadlocked_branches(model: nn.Module) -> list[str]:
 
     With ``out = gate * F(x)``, a zero gate and an F that is identically zero (its last conv's
     weight and bias zero) give ``dL/dgate = <delta, F(x)> = 0`` and ``dL/dW_last ~ gate = 0``:
-    neither ever moves (peers.md, "Zero-initialization deadlock"). Each peer zeroes one of the two.
+    neither ever moves (docs/method.md, "Peers"). Each peer zeroes one of the two.
     """
     bad = []
     for name, block in model.named_modules():

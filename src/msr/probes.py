@@ -1,4 +1,4 @@
-"""Measurements of METHOD.md ("Measurements each run records") on a fixed probe batch.
+"""Measurements of docs/method.md ("Measurements each run records") on a fixed probe batch.
 
 - ``mean_shift``      per conv: mean over channels of |mean_{n,h,w} y_c| / std_{n,h,w} y_c of the
                       conv output, before any norm or nonlinearity (forward hooks on the convs);

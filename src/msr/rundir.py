@@ -1,4 +1,4 @@
-"""The run directory's files (DESIGN.md, "The run directory"): names, columns, strict readers,
+"""The run directory's files (docs/architecture.md, "The run directory"): names, columns, strict readers,
 the completeness check and the writer lock - shared by the trainer (resume) and the
 aggregation (tables), so both accept and reject exactly the same directories.
 

@@ -1,7 +1,7 @@
 """K seeds of one variant trained as one stacked model in one process (torch.func + vmap).
 
 A ResNet-20 step at batch 128 is ~300 small kernels, so one run leaves a big GPU mostly idle
-(research/gpu-speed.md). Stacking the K seeds of one (variant, arch, dataset) cell turns every
+(docs/architecture.md, "Speed"). Stacking the K seeds of one (variant, arch, dataset) cell turns every
 kernel into one K-times larger kernel (``vmap`` lowers each conv to one grouped conv) while
 each model stays exactly what its own run would be:
 

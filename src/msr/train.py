@@ -1,4 +1,4 @@
-"""One training run, from a resolved config to a run directory (DESIGN.md's contract).
+"""One training run, from a resolved config to a run directory (docs/architecture.md, "The run directory").
 
     <out>/config.json    resolved config, versions, device
     <out>/metrics.csv    one row per epoch
@@ -268,7 +268,7 @@ class Run:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        # fp16 needs loss scaling; the projection then runs on unscaled gradients (METHOD.md)
+        # fp16 needs loss scaling; the projection then runs on unscaled gradients (docs/method.md)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
         lr = cfg.lr if cfg.lr is not None else self.variant.spec.lr

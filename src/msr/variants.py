@@ -1,4 +1,4 @@
-"""The registry of named ablation variants (METHOD.md's table); adding one is one entry.
+"""The registry of named ablation variants (docs/method.md, "Variants"); adding one is one entry.
 
 ``build(name, ...)`` returns a ``Variant``: the model, initialized by the variant's scheme,
 plus the three hooks a training loop needs - ``param_groups()``, ``after_backward()`` and
@@ -7,7 +7,7 @@ plus the three hooks a training loop needs - ``param_groups()``, ``after_backwar
 The peers (``wn``, ``fixup``, ``skipinit``, ``nf_ws`` and the control ``bn_preact``) keep the
 harness's data, schedule and final-epoch protocol; only their net, init and optimizer groups
 (lr, decay) are their own, each registry entry citing its source (details:
-research/peers.md).
+docs/method.md, "Peers").
 """
 
 from __future__ import annotations
@@ -173,16 +173,16 @@ VARIANTS: dict[str, VariantSpec] = {
             "msr_cmrr", "msr with the authors' shipped cmrr(0.9) update, stem not projected", "fidelity",
             grad="cmrr", cmrr_m=0.9, scope="residual_only", **{**_NF, "init": "zmi"},
         ),
-        # the authors' code leaves the stem unprojected; METHOD.md "The stem and colour"
+        # the authors' code leaves the stem unprojected; docs/method.md, "The stem and colour"
         VariantSpec(
             "msr_rs", "msr with the stem not projected (scope residual_only)", "stem",
             grad="project", scope="residual_only", **{**_NF, "init": "zmi"},
         ),
-        # --- peers (research/peers.md). Each keeps the harness's data, schedule and protocol.
+        # --- peers (docs/method.md, "Peers"). Each keeps the harness's data, schedule and protocol.
         # Salimans & Kingma 2016 reparametrization (torch weight_norm) with the batch-free ResNet
         # init of Arpit et al. 2019 (victorcampos7/weightnorm-init@d57a84e): orthogonal v,
         # g = sqrt(gain fan_in/fan_out); SGD lr 0.1; L2 1e-4 on v only, none on g and biases
-        # (peers.md 3.2; no warm-up: the harness's schedule)
+        # (Arpit et al. 2019; no warm-up: the harness's schedule)
         VariantSpec(
             "wn", "weight normalization (every conv + classifier), Arpit et al. init, no batch statistics", "6",
             norm="none", affine=False, init="arpit", weight_norm=True, lr=0.1, other_lr=0.1,
@@ -205,14 +205,14 @@ VARIANTS: dict[str, VariantSpec] = {
         ),
         # NF-ResNet with Scaled WS (Brock et al. 2021a; deepmind-research nfnets@d8df415):
         # pre-activation, alpha 0.2, skip gain 0, SGD lr 0.1, wd 1e-4 on weights, none on gains
-        # and biases; no stochastic depth or dropout (regularization parity, peers.md 2)
+        # and biases; no stochastic depth or dropout (regularization parity with the other variants)
         VariantSpec(
             "nf_ws", "normalizer-free pre-activation ResNet with Scaled Weight Standardization", "peer",
             norm="none", affine=False, init="nf", block="preact", lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.1, scalar_decay=False,
         ),
         # He et al. 2016b pre-activation with BatchNorm, the reference recipe: the control that
-        # keeps nf_ws's block form (peers.md 2, "Block form")
+        # keeps nf_ws's block form (docs/method.md, "Peers")
         VariantSpec("bn_preact", "pre-activation ResNet with BatchNorm (control for nf_ws's block form)", "reference", block="preact", **_BN),
     ]
 }
@@ -269,7 +269,7 @@ def _init_arpit(model: ResNetBase) -> None:
     blocks per stage), biases 0 (victorcampos7/weightnorm-init ``proposed_weight_norm_g_init``).
     Their classifier is a plain default-initialized ``nn.Linear``; ours keeps that function, only
     reparametrized (``g = ||v||``, as the wrapper left it). Their block has no post-add ReLU; ours
-    keeps the harness's (peers.md 3.2 [ADAPT]).
+    keeps the harness's (our adaptation).
     """
     blocks = [b for b in model.blocks if isinstance(b, BasicBlock)]
     per_stage = len(blocks) // 3

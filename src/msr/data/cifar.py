@@ -31,7 +31,7 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
-# METHOD.md: "ImageNet mean/std input normalization" for CIFAR (not CIFAR's own statistics).
+# docs/method.md: "ImageNet mean/std input normalization" for CIFAR (not CIFAR's own statistics).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

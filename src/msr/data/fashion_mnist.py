@@ -12,7 +12,7 @@ Four gzipped IDX files (:mod:`msr.data.idx`), looked for in this order, file by 
 
 Integrity is checked on the **decompressed** content (byte count and md5, :data:`CONTENT`),
 not on the ``.gz`` bytes: Debian recompressed the archives, so their ``.gz`` md5s differ from
-the official ones while the data are identical (NOTES.md, "Fashion-MNIST"). Files copied or
+the official ones while the data are identical (measured from Debian's dataset-fashion-mnist: the table below). Files copied or
 downloaded are staged under temporary names and verified before any is renamed into ``raw/``;
 a mismatch leaves ``raw/`` and ``processed/`` as they were and names the file, the expected and
 the actual checksum.
@@ -54,7 +54,7 @@ SPLITS: dict[str, tuple[str, str]] = {
 FILES: tuple[str, ...] = tuple(f for pair in SPLITS.values() for f in pair)
 
 # Decompressed content of the official files: (bytes, md5). Measured on Debian's package and
-# equal to the official data (NOTES.md). Read at call time, so tests can inject a table for
+# equal to the official data (measured from Debian's package). Read at call time, so tests can inject a table for
 # small generated files; it is also part of the cache key.
 CONTENT: dict[str, tuple[int, str]] = {
     "train-images-idx3-ubyte": (47_040_016, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
