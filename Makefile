@@ -12,7 +12,7 @@ SETUP   ?= $(STAMP)
 CORES   ?= all
 PROFILE ?=
 ARGS    ?=
-# a fork server that starts every `msr train` job without re-importing torch (msr.prefork)
+# a fork server that starts every `msr train` job without re-importing torch (msr.infra.prefork)
 PREFORK ?= $(BIN)/msr prefork --
 # the config set (its `name:`): each profile's set is named after the profile
 SET     ?= $(if $(PROFILE),$(PROFILE),digits)

@@ -29,35 +29,35 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from msr import report
+from msr.analysis import figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("fig1_curves", variants=list(report.VARIANT_ORDER))
+    snakemake = figures.standalone_snakemake("fig1_curves", variants=list(figures.VARIANT_ORDER))
 
-report.figure_style()
+figures.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
 curves = pd.read_csv(snakemake.input.curves)
-variants = report.ordered_variants(snakemake.params.variants)
+variants = figures.ordered_variants(snakemake.params.variants)
 base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
 curves = curves[curves["run_id"].isin(base["run_id"])] if not base.empty else curves.iloc[0:0]
 
 # %%
-pairs = report.panels(base)
+pairs = figures.panels(base)
 marker = "o" if curves.empty or curves["epoch"].max() <= 30 else None  # short runs: show the points
 nrows = max(1, len(pairs))
 fig, axes = plt.subplots(nrows, 2, figsize=(9.5, 3.0 * nrows), squeeze=False, layout="constrained")
 if not pairs:
     for ax in axes[0]:
-        report.placeholder(ax, "no runs of the main grid")
+        figures.placeholder(ax, "no runs of the main grid")
 for row, (dataset, arch) in enumerate(pairs):
     ax_acc, ax_loss = axes[row]
     for variant in variants:
         sel = base[(base["dataset"] == dataset) & (base["arch"] == arch) & (base["variant"] == variant)]
         if sel.empty:
             continue
-        color = report.variant_color(variant)
+        color = figures.variant_color(variant)
         done = curves[curves["run_id"].isin(sel.loc[sel["status"] == "completed", "run_id"])]
         n_div = int((sel["status"] == "diverged").sum())
         label = variant + (f" ({n_div}/{len(sel)} diverged)" if n_div else "")
@@ -87,7 +87,7 @@ for row, (dataset, arch) in enumerate(pairs):
 handles, labels = axes[0][0].get_legend_handles_labels()
 if handles:
     fig.legend(handles, labels, loc="outside right center", frameon=False)
-report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-report.write_provenance(snakemake.output.provenance, "fig1_curves", base["run_id"],
+figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+figures.write_provenance(snakemake.output.provenance, "fig1_curves", base["run_id"],
                      [snakemake.output.png, snakemake.output.pdf],
                      [snakemake.input.runs, snakemake.input.curves])

@@ -23,7 +23,7 @@
 # and zero-mean kernels (ZMI, kept by ZMG in `msr`) reject it.
 #
 # Mean shift of a conv layer = mean over channels of |mean_{n,h,w} y_c| / std_{n,h,w} y_c on a
-# fixed probe batch of training images (msr.probes). One panel per variant: one line per conv
+# fixed probe batch of training images (msr.training.probes). One panel per variant: one line per conv
 # layer (colour = depth), mean over seeds. Last panel: the depth profile at initialization
 # (dashed) and at the last probed step (solid). For `bn` the probe sees the conv output
 # *before* BatchNorm, which then removes the mean - its curve shows what BN has to undo.
@@ -34,19 +34,19 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from msr import aggregate as agg
-from msr import report
+from msr.analysis import aggregate as agg
+from msr.analysis import figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("fig2_mean_shift", variants=["plain", "bn", "zmi", "msr"],
+    snakemake = figures.standalone_snakemake("fig2_mean_shift", variants=["plain", "bn", "zmi", "msr"],
                                          dataset="digits", arch="resnet20")
 
-report.figure_style()
+figures.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
 dataset, arch = snakemake.params.dataset, snakemake.params.arch
-variants = report.ordered_variants(snakemake.params.variants)
+variants = figures.ordered_variants(snakemake.params.variants)
 sel = runs[(runs["sweep"] == "base") & (runs["dataset"] == dataset) & (runs["arch"] == arch)
            & runs["variant"].isin(variants)] if not runs.empty else runs
 probes = agg.load_probes(sel["run_dir"], metrics=["mean_shift"]) if not sel.empty else None
@@ -67,7 +67,7 @@ for ax in axes[1:-1]:
 for ax, variant in zip(axes[:-1], variants, strict=True):
     vruns = sel[sel["variant"] == variant]
     if probes is None or probes.empty or vruns.empty:
-        report.placeholder(ax, f"{variant}: no runs")
+        figures.placeholder(ax, f"{variant}: no runs")
         ax.set_title(variant)
         continue
     p = probes[probes["variant"] == variant]
@@ -84,13 +84,13 @@ for ax, variant in zip(axes[:-1], variants, strict=True):
     for step, ls in ((0, "--"), (last, "-")) if last > 0 else ((0, "--"),):
         prof = p[p["step"] == step].groupby("depth_index")["value"].mean()
         if not prof.empty:
-            profile_ax.plot(prof.index, prof.clip(lower=1e-6).values, ls=ls, color=report.variant_color(variant), lw=1.2)
+            profile_ax.plot(prof.index, prof.clip(lower=1e-6).values, ls=ls, color=figures.variant_color(variant), lw=1.2)
 axes[0].set_ylabel("mean shift |mean| / std")
 if probes is not None and not probes.empty:
     profile_ax.set(title="depth profile", xlabel="conv layer (forward order)", yscale="log")
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=report.variant_color(v), lw=1.2, label=v) for v in variants
+    handles = [Line2D([], [], color=figures.variant_color(v), lw=1.2, label=v) for v in variants
                if v in set(probes["variant"])]
     handles += [Line2D([], [], color="0.3", ls="--", label="initialization"),
                 Line2D([], [], color="0.3", ls="-", label="last step")]
@@ -98,8 +98,8 @@ if probes is not None and not probes.empty:
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(1, len(layer_order) - 1)))
     fig.colorbar(sm, ax=list(axes[:-1]), label="layer depth index", shrink=0.8, pad=0.01)
 else:
-    report.placeholder(profile_ax, "no probes")
+    figures.placeholder(profile_ax, "no probes")
 fig.suptitle(f"Mean shift of conv outputs - {dataset} / {arch} (mean over seeds)")
-report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-report.write_provenance(snakemake.output.provenance, "fig2_mean_shift", sel["run_id"],
+figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+figures.write_provenance(snakemake.output.provenance, "fig2_mean_shift", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

@@ -32,34 +32,34 @@
 # %%
 import pandas as pd
 
-from msr import aggregate as agg
-from msr import report
+from msr.analysis import aggregate as agg
+from msr.analysis import figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("fig3_lr_stability", variants=["plain", "bn", "msr"])
+    snakemake = figures.standalone_snakemake("fig3_lr_stability", variants=["plain", "bn", "msr"])
 
-report.figure_style()
+figures.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
-variants = report.ordered_variants(snakemake.params.variants)
-sel = report.select_sweep(runs, variants, "lr")
+variants = figures.ordered_variants(snakemake.params.variants)
+sel = figures.select_sweep(runs, variants, "lr")
 stats = agg.summarize(sel, metrics=["final_test_acc"], by=["dataset", "arch", "variant", "lr"])
 
 # %%
-fig, rows = report.sweep_axes(sel, "no learning-rate sweep in this config")
+fig, rows = figures.sweep_axes(sel, "no learning-rate sweep in this config")
 for (dataset, arch), (ax_acc, ax_div) in rows:
     here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
     for variant in variants:
-        report.plot_vs(ax_acc, here, variant, "lr", "final_test_acc_mean")
-        report.mark_all_diverged(ax_acc, here, variant, "lr")
-        report.plot_vs(ax_div, here, variant, "lr", "divergence_rate", errorbars=False, completed_only=False)
+        figures.plot_vs(ax_acc, here, variant, "lr", "final_test_acc_mean")
+        figures.mark_all_diverged(ax_acc, here, variant, "lr")
+        figures.plot_vs(ax_div, here, variant, "lr", "divergence_rate", errorbars=False, completed_only=False)
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", xlabel="learning rate", xscale="log",
                ylabel="test accuracy (%)", ylim=(0, 100))
     ax_div.set(title=f"{dataset} / {arch}: diverged runs", xlabel="learning rate", xscale="log",
                ylabel="diverged (% of seeds)", ylim=(-5, 105))
-    report.fixed_ticks((ax_acc, ax_div), here["lr"])
-report.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
-report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-report.write_provenance(snakemake.output.provenance, "fig3_lr_stability", sel["run_id"],
+    figures.fixed_ticks((ax_acc, ax_div), here["lr"])
+figures.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
+figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+figures.write_provenance(snakemake.output.provenance, "fig3_lr_stability", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

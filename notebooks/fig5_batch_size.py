@@ -32,36 +32,36 @@
 # %%
 import pandas as pd
 
-from msr import aggregate as agg
-from msr import report
+from msr.analysis import aggregate as agg
+from msr.analysis import figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("fig5_batch_size", variants=["bn", "msr"], base_batch_size=64,
+    snakemake = figures.standalone_snakemake("fig5_batch_size", variants=["bn", "msr"], base_batch_size=64,
                                          lr_scaling="linear")
 
-report.figure_style()
+figures.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
-variants = report.ordered_variants(snakemake.params.variants)
-sel = report.select_sweep(runs, variants, "batch_size")
+variants = figures.ordered_variants(snakemake.params.variants)
+sel = figures.select_sweep(runs, variants, "batch_size")
 stats = agg.summarize(sel, metrics=["final_test_acc"], by=["dataset", "arch", "variant", "batch_size"])
 
 # %%
-fig, rows = report.sweep_axes(sel, "no batch-size sweep in this config")
+fig, rows = figures.sweep_axes(sel, "no batch-size sweep in this config")
 for (dataset, arch), (ax_acc, ax_div) in rows:
     here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
     for variant in variants:
-        report.plot_vs(ax_acc, here, variant, "batch_size", "final_test_acc_mean")
-        report.mark_all_diverged(ax_acc, here, variant, "batch_size")
-        report.plot_vs(ax_div, here, variant, "batch_size", "divergence_rate", errorbars=False, completed_only=False)
+        figures.plot_vs(ax_acc, here, variant, "batch_size", "final_test_acc_mean")
+        figures.mark_all_diverged(ax_acc, here, variant, "batch_size")
+        figures.plot_vs(ax_div, here, variant, "batch_size", "divergence_rate", errorbars=False, completed_only=False)
     for ax in (ax_acc, ax_div):
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"batch size (lr scaling: {snakemake.params.lr_scaling})")
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", ylabel="test accuracy (%)", ylim=(0, 100))
     ax_div.set(title=f"{dataset} / {arch}: diverged runs", ylabel="diverged (% of seeds)", ylim=(-5, 105))
-    report.fixed_ticks((ax_acc, ax_div), here["batch_size"])
-report.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
-report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-report.write_provenance(snakemake.output.provenance, "fig5_batch_size", sel["run_id"],
+    figures.fixed_ticks((ax_acc, ax_div), here["batch_size"])
+figures.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
+figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+figures.write_provenance(snakemake.output.provenance, "fig5_batch_size", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

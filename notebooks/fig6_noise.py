@@ -28,7 +28,7 @@
 # final epoch, in points (mean +- std over completed seeds). Clean train accuracy
 # (`final_clean_train_acc`; `clean_train_test_gap` in runs.csv) is measured like the test
 # accuracy - eval mode, no augmentation, no noise - on a fixed subset of the training set (the
-# first min(N, 1000) training images, msr.train). The running train accuracy logged during an
+# first min(N, 1000) training images, msr.training.loop). The running train accuracy logged during an
 # epoch is not used: it averages augmented, noisy batches while the weights move, so it is not
 # comparable with test accuracy (it made the gap negative). Runs recorded before the clean
 # accuracy existed have no gap: the panel says so instead of falling back to the running one.
@@ -40,44 +40,44 @@
 # %%
 import pandas as pd
 
-from msr import aggregate as agg
-from msr import report
+from msr.analysis import aggregate as agg
+from msr.analysis import figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("fig6_noise", variants=["msr_noise"])
+    snakemake = figures.standalone_snakemake("fig6_noise", variants=["msr_noise"])
 
-report.figure_style()
+figures.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
-variants = report.ordered_variants(snakemake.params.variants)
-sel = report.select_sweep(runs, variants, "noise_delta")
-GAP = "clean_train_test_gap"  # msr.aggregate: final_clean_train_acc - final_test_acc
+variants = figures.ordered_variants(snakemake.params.variants)
+sel = figures.select_sweep(runs, variants, "noise_delta")
+GAP = "clean_train_test_gap"  # msr.analysis.aggregate: final_clean_train_acc - final_test_acc
 has_gap = GAP in sel.columns and pd.to_numeric(sel[GAP], errors="coerce").notna().any()
 stats = agg.summarize(sel, metrics=["final_test_acc", *([GAP] if has_gap else [])],
                       by=["dataset", "arch", "variant", "noise_delta"])
 
 # %%
-fig, rows = report.sweep_axes(sel, "no noise sweep in this config")
+fig, rows = figures.sweep_axes(sel, "no noise sweep in this config")
 for (dataset, arch), (ax_acc, ax_gap) in rows:
     here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
     for variant in variants:
-        s = report.plot_vs(ax_acc, here, variant, "noise_delta", "final_test_acc_mean")
+        s = figures.plot_vs(ax_acc, here, variant, "noise_delta", "final_test_acc_mean")
         if has_gap:
-            report.plot_vs(ax_gap, here, variant, "noise_delta", f"{GAP}_mean")
+            figures.plot_vs(ax_gap, here, variant, "noise_delta", f"{GAP}_mean")
         for _, r in s[s["n_diverged"] > 0].iterrows():
             ax_acc.annotate(f"{int(r['n_diverged'])} diverged", (r["noise_delta"], 100 * r["final_test_acc_mean"]),
-                            fontsize=6, color=report.variant_color(variant), xytext=(3, -8), textcoords="offset points")
-        report.mark_all_diverged(ax_acc, here, variant, "noise_delta")
+                            fontsize=6, color=figures.variant_color(variant), xytext=(3, -8), textcoords="offset points")
+        figures.mark_all_diverged(ax_acc, here, variant, "noise_delta")
     ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", xlabel="noise magnitude d", ylabel="test accuracy (%)")
-    report.fixed_ticks((ax_acc, ax_gap), here["noise_delta"])
+    figures.fixed_ticks((ax_acc, ax_gap), here["noise_delta"])
     if has_gap:
         ax_gap.axhline(0, color="0.6", lw=0.8)
         ax_gap.set(title=f"{dataset} / {arch}: clean train - test gap", xlabel="noise magnitude d",
                    ylabel="gap (points)")
     else:
-        report.placeholder(ax_gap, "no clean train accuracy in these runs\n(made before msr train recorded it: rerun them)")
-report.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
-report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-report.write_provenance(snakemake.output.provenance, "fig6_noise", sel["run_id"],
+        figures.placeholder(ax_gap, "no clean train accuracy in these runs\n(made before msr train recorded it: rerun them)")
+figures.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
+figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+figures.write_provenance(snakemake.output.provenance, "fig6_noise", sel["run_id"],
                      [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

@@ -34,8 +34,8 @@
 #
 # Snakemake interface: `input.runs` (runs.csv); `output.png`, `output.pdf`,
 # `output.provenance`; `params.variants` (the variants to show, e.g. the config's
-# `variants`; order and colours come from msr.report); optional `params.num_classes`
-# (dataset -> classes, for the chance line of a dataset msr.claims.NUM_CLASSES lacks).
+# `variants`; order and colours come from msr.analysis.figures); optional `params.num_classes`
+# (dataset -> classes, for the chance line of a dataset msr.analysis.claims.NUM_CLASSES lacks).
 
 # %%
 import matplotlib.pyplot as plt
@@ -45,18 +45,18 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from msr import aggregate as agg
-from msr import claims, report
+from msr.analysis import aggregate as agg
+from msr.analysis import claims, figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("fig7_peers", variants=list(report.VARIANT_ORDER))
+    snakemake = figures.standalone_snakemake("fig7_peers", variants=list(figures.VARIANT_ORDER))
 
-report.figure_style()
+figures.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
 num_classes = dict(getattr(snakemake.params, "num_classes", None) or {})
-variants = report.ordered_variants(snakemake.params.variants)
+variants = figures.ordered_variants(snakemake.params.variants)
 base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
 
 # %%
@@ -73,13 +73,13 @@ TICKS = [0, 10, 20, 30, 40, 50, 60, 70, 80, 85, 90, 93, 95, 97, 98, 99, 99.5, 99
 MIN_TICK_GAP = 0.06  # fraction of the axis height between two tick labels
 STRIP = 0.09  # bottom fraction of each axis reserved for diverged seeds
 
-pairs = report.panels(base)
+pairs = figures.panels(base)
 nrows = max(1, len(pairs))
 width = max(6.0, 0.48 * len(variants) + 1.5)
 fig, axes = plt.subplots(nrows, 1, figsize=(width, 3.6 * nrows), squeeze=False, layout="constrained")
 axes = axes[:, 0]
 if not pairs:
-    report.placeholder(axes[0], "no runs of the main grid")
+    figures.placeholder(axes[0], "no runs of the main grid")
 legend = {}
 for ax, (dataset, arch) in zip(axes, pairs, strict=False):
     here = base[(base["dataset"] == dataset) & (base["arch"] == arch)]
@@ -100,11 +100,11 @@ for ax, (dataset, arch) in zip(axes, pairs, strict=False):
     bn = 100 * pd.to_numeric(done.loc[done["variant"] == "bn", "final_test_acc"], errors="coerce")
     mean, _, ci, n = agg.mean_std_ci(bn)
     if n >= 2:
-        ax.axhspan(mean - ci, min(mean + ci, inverse(hi)), color=report.variant_color("bn"), alpha=0.18, lw=0, zorder=0)
-        legend["band"] = Patch(color=report.variant_color("bn"), alpha=0.3, label="bn mean ± 95% CI")
+        ax.axhspan(mean - ci, min(mean + ci, inverse(hi)), color=figures.variant_color("bn"), alpha=0.18, lw=0, zorder=0)
+        legend["band"] = Patch(color=figures.variant_color("bn"), alpha=0.3, label="bn mean ± 95% CI")
     if n >= 1:
-        ax.axhline(drawn(mean), color=report.variant_color("bn"), lw=0.9, ls="--", zorder=0)
-        legend["bn"] = Line2D([], [], color=report.variant_color("bn"), lw=0.9, ls="--",
+        ax.axhline(drawn(mean), color=figures.variant_color("bn"), lw=0.9, ls="--", zorder=0)
+        legend["bn"] = Line2D([], [], color=figures.variant_color("bn"), lw=0.9, ls="--",
                               label="bn mean" + (" (n=1, no CI)" if n == 1 else ""))
     ax.axhline(chance, color="0.45", lw=0.8, ls=":", zorder=0)
     legend["chance"] = Line2D([], [], color="0.45", lw=0.8, ls=":", label="chance")
@@ -114,7 +114,7 @@ for ax, (dataset, arch) in zip(axes, pairs, strict=False):
     ax.text(-0.45, STRIP / 2, "diverged", transform=strip_transform, fontsize=6, color="0.4", va="center")
     for x, variant in enumerate(shown):
         sel = here[here["variant"] == variant].sort_values("seed")
-        color = report.variant_color(variant)
+        color = figures.variant_color(variant)
         vals = 100 * pd.to_numeric(sel.loc[sel["status"] == "completed", "final_test_acc"], errors="coerce").to_numpy()
         jitter = np.linspace(-0.14, 0.14, len(vals)) if len(vals) > 1 else np.zeros(len(vals))
         ax.scatter(x + jitter, drawn(vals), s=16, color=color, edgecolor="white", linewidth=0.4, zorder=3)
@@ -154,6 +154,6 @@ legend["mean"] = Line2D([], [], color="0.15", lw=1.6, label="mean of completed s
 if pairs:
     order = [k for k in ("seed", "mean", "band", "bn", "chance", "diverged") if k in legend]
     fig.legend(handles=[legend[k] for k in order], loc="outside lower center", ncol=len(order), frameon=False)
-report.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
-report.write_provenance(snakemake.output.provenance, "fig7_peers", base["run_id"],
+figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
+figures.write_provenance(snakemake.output.provenance, "fig7_peers", base["run_id"],
                         [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

@@ -30,17 +30,17 @@
 # %%
 import pandas as pd
 
-from msr import aggregate as agg
-from msr import io as msr_io
-from msr import report
+from msr.analysis import aggregate as agg
+from msr import atomic
+from msr.analysis import figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("tab1_ablation", kind="table", variants=list(report.VARIANT_ORDER))
+    snakemake = figures.standalone_snakemake("tab1_ablation", kind="table", variants=list(figures.VARIANT_ORDER))
 
 runs = pd.read_csv(snakemake.input.runs)
-variants = report.ordered_variants(snakemake.params.variants)
+variants = figures.ordered_variants(snakemake.params.variants)
 base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
 stats = agg.summarize(base, metrics=["final_test_acc", "best_test_acc"], by=["dataset", "arch", "depth", "variant"])
 REFS = {"He et al. 2016": "ref_he2016_bn", "Idelbayev (PyTorch)": "ref_idelbayev_bn"}
@@ -60,12 +60,12 @@ for _, s in stats.iterrows():
         "best_epoch_test_acc_mean": 100 * s["best_test_acc_mean"],
     }
     for name, col in REFS.items():
-        row[col] = report.PUBLISHED_REFERENCES[name].get((s["dataset"], s["arch"]))
+        row[col] = figures.PUBLISHED_REFERENCES[name].get((s["dataset"], s["arch"]))
     rows.append(row)
 table = pd.DataFrame(rows, columns=["dataset", "arch", "variant", "claim", "description", "n_runs", "n_completed",
                                     "n_diverged", "final_test_acc_mean", "final_test_acc_std", "final_test_acc_ci95",
                                     "best_epoch_test_acc_mean", *REFS.values()])
-msr_io.atomic_write(snakemake.output.csv,  # a killed job never leaves half a table
+atomic.atomic_write(snakemake.output.csv,  # a killed job never leaves half a table
                     lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f", lineterminator="\n"))
 
 
@@ -74,7 +74,7 @@ def display(pm):
     out = pd.DataFrame({
         "dataset": table["dataset"], "arch": table["arch"], "variant": table["variant"], "claim": table["claim"],
         "final test acc. % (mean ± std, n)": [
-            report.format_mean_std(r.final_test_acc_mean / 100, r.final_test_acc_std / 100, r.n_completed, 0, pm=pm)
+            figures.format_mean_std(r.final_test_acc_mean / 100, r.final_test_acc_std / 100, r.n_completed, 0, pm=pm)
             for r in table.itertuples()],
         "diverged": [f"{r.n_diverged}/{r.n_runs}" for r in table.itertuples()],
         "best-epoch % †": [("" if pd.isna(v) else f"{v:.2f}") for v in table["best_epoch_test_acc_mean"]],
@@ -91,9 +91,9 @@ NOTES = [
     "He et al. 2016, Table 6 (ResNet-110: mean of 5 runs, best 93.57); "
     "Idelbayev, github.com/akamaster/pytorch_resnet_cifar10.",
 ]
-msr_io.write_text(snakemake.output.md, "**Table 1 - main ablation.**\n\n" + report.to_markdown(display("±"), notes=NOTES))
-msr_io.write_text(snakemake.output.tex, report.to_latex(display("±"), caption="Main ablation: final-epoch test accuracy (%).",
+atomic.write_text(snakemake.output.md, "**Table 1 - main ablation.**\n\n" + figures.to_markdown(display("±"), notes=NOTES))
+atomic.write_text(snakemake.output.tex, figures.to_latex(display("±"), caption="Main ablation: final-epoch test accuracy (%).",
                                                         label="tab:ablation", notes=NOTES))
-report.write_provenance(snakemake.output.provenance, "tab1_ablation", base["run_id"],
+figures.write_provenance(snakemake.output.provenance, "tab1_ablation", base["run_id"],
                      [snakemake.output.csv, snakemake.output.md, snakemake.output.tex], [snakemake.input.runs])
 table  # noqa: B018 - shown when run in Jupyter

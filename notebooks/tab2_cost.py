@@ -28,17 +28,17 @@
 # %%
 import pandas as pd
 
-from msr import aggregate as agg
-from msr import io as msr_io
-from msr import report
+from msr.analysis import aggregate as agg
+from msr import atomic
+from msr.analysis import figures
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("tab2_cost", kind="table", variants=list(report.VARIANT_ORDER))
+    snakemake = figures.standalone_snakemake("tab2_cost", kind="table", variants=list(figures.VARIANT_ORDER))
 
 runs = pd.read_csv(snakemake.input.runs)
-variants = report.ordered_variants(snakemake.params.variants)
+variants = figures.ordered_variants(snakemake.params.variants)
 base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
 
 # %%
@@ -65,7 +65,7 @@ for (dataset, _, _, arch, variant), g in groups:
 table = pd.DataFrame(rows, columns=["dataset", "arch", "variant", "n_runs", "n_timed", "step_ms_mean", "step_ms_std",
                                     "images_per_s_mean", "images_per_s_std", "peak_memory_mb_mean",
                                     "peak_memory_mb_std", "memory", "n_params", "batch_size", "threads", "device"])
-msr_io.atomic_write(snakemake.output.csv,  # a killed job never leaves half a table
+atomic.atomic_write(snakemake.output.csv,  # a killed job never leaves half a table
                     lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f", lineterminator="\n"))
 
 
@@ -86,9 +86,9 @@ display = pd.DataFrame({
 })
 NOTES = ["Mean ± std over seeds. Peak memory: cuda_max_allocated on a GPU; process_max_rss "
          "(whole process, torch included) on a CPU."]
-msr_io.write_text(snakemake.output.md, "**Table 2 - cost per variant.**\n\n" + report.to_markdown(display, notes=NOTES))
-msr_io.write_text(snakemake.output.tex, report.to_latex(display, caption="Cost per variant: time per step, throughput, peak memory.",
+atomic.write_text(snakemake.output.md, "**Table 2 - cost per variant.**\n\n" + figures.to_markdown(display, notes=NOTES))
+atomic.write_text(snakemake.output.tex, figures.to_latex(display, caption="Cost per variant: time per step, throughput, peak memory.",
                                                         label="tab:cost", notes=NOTES))
-report.write_provenance(snakemake.output.provenance, "tab2_cost", base["run_id"],
+figures.write_provenance(snakemake.output.provenance, "tab2_cost", base["run_id"],
                      [snakemake.output.csv, snakemake.output.md, snakemake.output.tex], [snakemake.input.runs])
 display  # noqa: B018 - shown when run in Jupyter

@@ -21,7 +21,7 @@
 # One row per claim of docs/method.md, "Claims, verdicts and the rule" (claim 6: one row per peer) per dataset
 # and arch: the comparison it rests on, the effect with its 95% confidence interval, n per
 # side (and how many of those seeds diverged), a verdict - `supported`, `contradicted`,
-# `inconclusive` - and the reason for it. The rule is `msr.claims` (one function, unit-tested;
+# `inconclusive` - and the reason for it. The rule is `msr.analysis.claims` (one function, unit-tested;
 # it is printed under the table):
 #
 # - accuracy effects (claims 2 vs `nf`, 4, 5, 6): difference of final-epoch test accuracy means
@@ -37,7 +37,7 @@
 #
 # Snakemake interface: `input.runs` (runs.csv; `input.summary`/`input.curves` are accepted and
 # unused); `output.csv`, `output.md`, `output.tex`, `output.provenance`; optional
-# `params.num_classes` (dataset -> number of classes, for a dataset `msr.claims.NUM_CLASSES`
+# `params.num_classes` (dataset -> number of classes, for a dataset `msr.analysis.claims.NUM_CLASSES`
 # does not list; the chance level is 1 / classes). Besides runs.csv it reads, for the run
 # directories runs.csv lists, the `msr`/`plain` probes (step 0) and one `msr`/`bn` checkpoint
 # per dataset/arch.
@@ -49,15 +49,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from msr import aggregate as agg
-from msr import claims, report
-from msr import io as msr_io
-from msr.rundir import CHECKPOINT
+from msr.analysis import aggregate as agg
+from msr.analysis import claims, figures
+from msr import atomic
+from msr.training.rundir import CHECKPOINT
 
 try:
     snakemake  # noqa: B018 - injected by Snakemake's notebook: directive
 except NameError:
-    snakemake = report.standalone_snakemake("tab3_claims", kind="table")
+    snakemake = figures.standalone_snakemake("tab3_claims", kind="table")
 
 runs = pd.read_csv(snakemake.input.runs)
 num_classes = dict(getattr(snakemake.params, "num_classes", None) or {})
@@ -98,14 +98,14 @@ def train_eval(dataset, arch, variant):
 
 
 identity = {}
-for dataset, arch in report.panels(runs):
+for dataset, arch in figures.panels(runs):
     diff, scale, what = train_eval(dataset, arch, "msr")
     control, _, _ = train_eval(dataset, arch, "bn")
     identity[(dataset, arch)] = {"diff": diff, "scale": scale, "control": control, "note": what}
 
 # %%
 table = claims.claims_table(runs, probes=probes, identity=identity, num_classes=num_classes)
-msr_io.atomic_write(snakemake.output.csv,
+atomic.atomic_write(snakemake.output.csv,
                     lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f", lineterminator="\n"))
 
 
@@ -138,13 +138,13 @@ NOTES = [
     "seeds: runs per side (claim 2: msr / bn / plain over the common lrs); div. = seeds whose "
     "loss became non-finite (in no mean).",
 ]
-msr_io.write_text(snakemake.output.md, "**Table 3 - the paper's claims, judged from the runs.**\n\n"
-                  + report.to_markdown(display, notes=NOTES))
-msr_io.write_text(snakemake.output.tex, report.to_latex(
+atomic.write_text(snakemake.output.md, "**Table 3 - the paper's claims, judged from the runs.**\n\n"
+                  + figures.to_markdown(display, notes=NOTES))
+atomic.write_text(snakemake.output.tex, figures.to_latex(
     display, caption="The paper's claims (docs/method.md) judged from the runs: effect, 95% CI, verdict.",
     label="tab:claims", notes=NOTES))
 used = runs[runs["sweep"].isin(["base", "lr"])] if not runs.empty else runs  # the main grid and the lr sweep
-report.write_provenance(snakemake.output.provenance, "tab3_claims", used["run_id"],
+figures.write_provenance(snakemake.output.provenance, "tab3_claims", used["run_id"],
                         [snakemake.output.csv, snakemake.output.md, snakemake.output.tex],
                         [snakemake.input.runs])
 display  # noqa: B018 - shown when run in Jupyter

@@ -1,4 +1,4 @@
-"""msr.aggregate and msr.manifest on fake run directories in the exact format of `msr train`."""
+"""msr.analysis.aggregate and msr.analysis.manifest on fake run directories in the exact format of `msr train`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msr import aggregate as agg
-from msr import manifest, report
-from msr.rundir import METRIC_COLUMNS
+from msr.analysis import aggregate as agg
+from msr.analysis import figures, manifest
+from msr.training.rundir import METRIC_COLUMNS
 
 SPEC_FIELDS = {"name": "msr", "description": "nf + ZMI + ZMG", "claim": "2, 3", "norm": "none",
                "affine": True, "init": "zmi", "grad": "project", "granularity": "channel", "lam": 1.0,
@@ -174,35 +174,35 @@ def test_sweep_of_tag():
 
 
 def test_variant_order_and_colours_follow_the_registry():
-    from msr.variants import VARIANTS
+    from msr.core.variants import VARIANTS
 
-    assert list(VARIANTS)[: len(report.VARIANT_ORDER)] == list(report.VARIANT_ORDER)
-    assert len({report.variant_color(v) for v in report.VARIANT_ORDER}) == len(report.VARIANT_ORDER)
-    assert report.variant_color("some_new_variant") == report.variant_color("some_new_variant")
-    assert report.ordered_variants(["zz", "msr", "bn"]) == ["bn", "msr", "zz"]
+    assert list(VARIANTS)[: len(figures.VARIANT_ORDER)] == list(figures.VARIANT_ORDER)
+    assert len({figures.variant_color(v) for v in figures.VARIANT_ORDER}) == len(figures.VARIANT_ORDER)
+    assert figures.variant_color("some_new_variant") == figures.variant_color("some_new_variant")
+    assert figures.ordered_variants(["zz", "msr", "bn"]) == ["bn", "msr", "zz"]
 
 
 def test_published_references_are_100_minus_the_published_errors():
     he = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.61}
     idelbayev = {"resnet20": 8.27, "resnet32": 7.37, "resnet44": 6.90, "resnet56": 6.61, "resnet110": 6.32}
     for name, errors in (("He et al. 2016", he), ("Idelbayev (PyTorch)", idelbayev)):
-        refs = report.PUBLISHED_REFERENCES[name]
+        refs = figures.PUBLISHED_REFERENCES[name]
         assert refs == {("cifar10", a): pytest.approx(100 - e) for a, e in errors.items()}
 
 
 def test_table_formatting():
-    assert report.format_mean_std(0.9125, 0.0031, 5) == "91.25 ± 0.31 (n=5)"
-    assert report.format_mean_std(0.9, math.nan, 1, 2) == "90.00 (n=1, 2 diverged)"
-    assert report.format_mean_std(math.nan, math.nan, 0, 3) == "- (3 diverged)"
+    assert figures.format_mean_std(0.9125, 0.0031, 5) == "91.25 ± 0.31 (n=5)"
+    assert figures.format_mean_std(0.9, math.nan, 1, 2) == "90.00 (n=1, 2 diverged)"
+    assert figures.format_mean_std(math.nan, math.nan, 0, 3) == "- (3 diverged)"
     frame = pd.DataFrame({"a_b": ["x|y", "50%"], "c": [1.5, math.nan]})
-    md = report.to_markdown(frame, notes=["note"])
+    md = figures.to_markdown(frame, notes=["note"])
     cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in md.splitlines()[:4]]
     assert cells[0] == ["a_b", "c"] and set(cells[1][0]) <= set(":-")
     assert cells[2:] == [["x\\|y", "1.5"], ["50%", ""]]
     assert md.rstrip().endswith("note")
-    tex = report.to_latex(frame, caption="T & more", label="tab:x")
+    tex = figures.to_latex(frame, caption="T & more", label="tab:x")
     assert r"a\_b" in tex and r"50\%" in tex and r"T \& more" in tex and r"\label{tab:x}" in tex
-    assert report.latex_escape("±") == r"$\pm$"
+    assert figures.latex_escape("±") == r"$\pm$"
 
 
 def test_saved_figures_are_byte_identical_on_rerun(tmp_path):
@@ -210,12 +210,12 @@ def test_saved_figures_are_byte_identical_on_rerun(tmp_path):
 
     digests = []
     for i in range(2):
-        report.figure_style()
+        figures.figure_style()
         fig, ax = plt.subplots()
         ax.plot([0, 1, 2], [1, 3, 2], label="x")
         ax.legend()
         png, pdf = tmp_path / f"f{i}.png", tmp_path / f"f{i}.pdf"
-        report.save_figure(fig, png, pdf)
+        figures.save_figure(fig, png, pdf)
         plt.close(fig)
         digests.append((manifest.sha256_file(png), manifest.sha256_file(pdf)))
         assert b"CreationDate" not in pdf.read_bytes()
@@ -223,20 +223,20 @@ def test_saved_figures_are_byte_identical_on_rerun(tmp_path):
 
 
 def test_manifest_lists_files_hashes_and_runs(runs_root, tmp_path):
-    figures = tmp_path / "figures"
-    figures.mkdir()
-    (figures / "fig.png").write_bytes(b"png bytes")
-    (figures / "tab.csv").write_text("a,b\n1,2\n")
+    figure_dir = tmp_path / "figures"
+    figure_dir.mkdir()
+    (figure_dir / "fig.png").write_bytes(b"png bytes")
+    (figure_dir / "tab.csv").write_text("a,b\n1,2\n")
     prov = tmp_path / "prov"
-    report.write_provenance(prov / "fig.json", "fig", ["digits/resnet20/msr/base/seed1", "digits/resnet20/msr/base/seed0"],
+    figures.write_provenance(prov / "fig.json", "fig", ["digits/resnet20/msr/base/seed1", "digits/resnet20/msr/base/seed0"],
                          ["figures/fig.png"], ["results/tables/runs.csv"])
-    report.write_provenance(prov / "tab.json", "tab", [], ["figures/tab.csv"])
+    figures.write_provenance(prov / "tab.json", "tab", [], ["figures/tab.csv"])
     m = manifest.build_manifest([prov / "tab.json", prov / "fig.json"], runs_root=runs_root.relative_to(tmp_path),
                                 config_sha256="abc", cwd=tmp_path)
     assert [i["name"] for i in m["items"]] == ["fig", "tab"]
     fig = m["items"][0]
     assert fig["kind"] == "figure" and m["items"][1]["kind"] == "table"
-    assert fig["files"] == [{"path": "figures/fig.png", "sha256": manifest.sha256_file(figures / "fig.png")}]
+    assert fig["files"] == [{"path": "figures/fig.png", "sha256": manifest.sha256_file(figure_dir / "fig.png")}]
     assert fig["runs"] == ["digits/resnet20/msr/base/seed0", "digits/resnet20/msr/base/seed1"]
     assert m["config_sha256"] == "abc"
     cfg = runs_root / "digits/resnet20/msr/base/seed0/config.json"

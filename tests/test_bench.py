@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from msr import bench
-from msr.bench import main as bench_main
+from msr.infra import bench
+from msr.infra.bench import main as bench_main
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +160,7 @@ def test_cuda_graph_step_trains_like_the_eager_step(variant):
 @cuda
 @pytest.mark.parametrize("variant", ["msr", "bn"])
 def test_captured_stacked_step_trains_like_the_stacked_step(variant):
-    from msr.stacked import StackedSeeds
+    from msr.training.stacked import StackedSeeds
 
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""msr.claims: the verdict rule and its statistics, on made-up runs for every branch."""
+"""msr.analysis.claims: the verdict rule and its statistics, on made-up runs for every branch."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from msr import claims
-from msr.claims import CONTRADICTED, INCONCLUSIVE, SUPPORTED, Group
+from msr.analysis import claims
+from msr.analysis.claims import CONTRADICTED, INCONCLUSIVE, SUPPORTED, Group
 
 CHANCE = 0.1  # 10 classes: stable means every seed >= 55%
 
@@ -288,7 +288,7 @@ def test_chance_level_names_an_unknown_dataset():
         claims.chance_level("mnist")
 
 
-# ------------------------------------------- msr.report markers the figures use to show divergence
+# ------------------------------------------- msr.analysis.figures markers the figures use to show divergence
 
 
 def test_sweep_markers_show_single_seeds_and_all_diverged_points():
@@ -297,24 +297,24 @@ def test_sweep_markers_show_single_seeds_and_all_diverged_points():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from msr import report
+    from msr.analysis import figures
 
     stats = pd.DataFrame({"variant": ["msr"] * 3, "lr": [0.1, 0.4, 1.6], "n_completed": [2, 1, 0],
                           "n_diverged": [0, 1, 2], "final_test_acc_mean": [0.9, 0.8, math.nan],
                           "final_test_acc_std": [0.01, math.nan, math.nan]})
     fig, (ax, other) = plt.subplots(1, 2)
-    report.plot_vs(ax, stats, "msr", "lr", "final_test_acc_mean")
+    figures.plot_vs(ax, stats, "msr", "lr", "final_test_acc_mean")
     hollow = [line for line in ax.lines if line.get_gid() == "msr-key-single-seed"]
     assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.4] and hollow[0].get_markerfacecolor() == "white"
-    crosses = report.mark_all_diverged(ax, stats, "msr", "lr")
+    crosses = figures.mark_all_diverged(ax, stats, "msr", "lr")
     assert list(crosses["lr"]) == [1.6]
-    report.sweep_legend(fig, [ax, other])
+    figures.sweep_legend(fig, [ax, other])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "msr", "1 completed seed (no spread)", "every seed diverged"]
     # nothing special drawn: no keys for it in the legend
     fig2, ax2 = plt.subplots()
-    report.plot_vs(ax2, stats.iloc[:1], "msr", "lr", "final_test_acc_mean")
-    assert report.mark_all_diverged(ax2, stats.iloc[:1], "msr", "lr").empty
-    report.sweep_legend(fig2, [ax2])
+    figures.plot_vs(ax2, stats.iloc[:1], "msr", "lr", "final_test_acc_mean")
+    assert figures.mark_all_diverged(ax2, stats.iloc[:1], "msr", "lr").empty
+    figures.sweep_legend(fig2, [ax2])
     assert [t.get_text() for t in fig2.legends[0].get_texts()] == ["msr"]
     plt.close("all")

@@ -12,7 +12,7 @@ from msr.cli import main
 def test_variants_lists_the_registry(capsys):
     assert main(["variants"]) == 0
     out = capsys.readouterr().out.splitlines()
-    from msr.variants import VARIANTS
+    from msr.core.variants import VARIANTS
 
     assert [line.split()[0] for line in out] == list(VARIANTS)
     assert {"bn", "msr", "msr_noise", "wn", "fixup", "skipinit", "nf_ws"} <= set(VARIANTS)

@@ -359,7 +359,7 @@ def test_download_checks_the_official_gz_md5(
 
 
 def test_registered_with_defaults_and_source_order() -> None:
-    from msr.train import RunConfig
+    from msr.training.loop import RunConfig
 
     assert "fashion_mnist" in data.DATASETS
     sources = data.sources("fashion_mnist")

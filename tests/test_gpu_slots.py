@@ -1,4 +1,4 @@
-"""GPU-slot claiming (msr.gpu) with fake GPU ids and real, concurrent claimant processes.
+"""GPU-slot claiming (msr.infra.gpu) with fake GPU ids and real, concurrent claimant processes.
 
 No GPU is needed: a claim only takes locks and sets CUDA_VISIBLE_DEVICES. Every wait is bounded
 by a timeout; nothing asserts on how long anything took.
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from msr import gpu
+from msr.infra import gpu
 
 WAIT_S = 30.0  # generous bound for a claimant to answer on a loaded 2-core machine
 
 CLAIMANT = """
 import json, os, sys
-from msr.gpu import claim_gpu_slot
+from msr.infra.gpu import claim_gpu_slot
 slot = claim_gpu_slot(int(sys.argv[1]), poll_s=0.05, max_poll_s=0.2, timeout_s=float(sys.argv[2]))
 print(json.dumps({"pid": os.getpid(), "gpu": slot.gpu_id, "slot": slot.slot,
                   "cvd": os.environ["CUDA_VISIBLE_DEVICES"]}), flush=True)

@@ -1,4 +1,4 @@
-"""msr.gridcheck: the config checks the schema cannot make (each error names the key), the grid
+"""msr.pipeline.grid: the config checks the schema cannot make (each error names the key), the grid
 of runs, and the comparison of a run directory's recorded options with the config's - which
 must agree exactly with what `msr train` records, or the pipeline would retrain forever.
 
@@ -17,8 +17,8 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from msr import gridcheck
-from msr.gridcheck import GridError, Run
+from msr.pipeline import grid
+from msr.pipeline.grid import GridError, Run
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = (REPO / "workflow/schemas/config.schema.yaml").as_posix()
@@ -44,8 +44,8 @@ def merged(*overlays: dict) -> dict:
 def test_shipped_configs_pass(name):
     overlay = {} if name == "default.yaml" else yaml.safe_load((REPO / "workflow/config" / name).read_text())
     cfg = merged(overlay)
-    gridcheck.check_config(cfg)
-    assert gridcheck.build_grid(cfg)
+    grid.check_config(cfg)
+    assert grid.build_grid(cfg)
 
 
 @pytest.mark.parametrize("overlay, named", [
@@ -63,8 +63,8 @@ def test_shipped_configs_pass(name):
 def test_bad_configs_name_the_key(overlay, named):
     cfg = merged(overlay)
     with pytest.raises(GridError) as err:
-        gridcheck.check_config(cfg)
-        gridcheck.build_grid(cfg)
+        grid.check_config(cfg)
+        grid.build_grid(cfg)
     assert named in str(err.value)
 
 
@@ -73,27 +73,27 @@ def test_overrides_are_checked_for_sweep_only_variants_too():
     off = {"variants": [], "values": []}
     cfg = merged({"variants": ["bn"], "train": {"overrides": {"noise_delta": 0.1}},
                   "sweeps": {"lr": {"variants": ["bn"]}, "batch_size": off, "noise_delta": off}})
-    gridcheck.check_config(cfg)
+    grid.check_config(cfg)
     cfg["sweeps"]["lr"]["variants"] = ["nf_ws"]
     with pytest.raises(GridError, match=r"config train.overrides=\{'noise_delta': 0.1\}: variant 'nf_ws': noise needs"):
-        gridcheck.check_config(cfg)
+        grid.check_config(cfg)
 
 
 def test_config_strings_from_the_command_line_are_named():
     with pytest.raises(GridError, match=r"config seeds=\['0', '1'\]: the items are strings.*--configfile"):
-        gridcheck.check_types({"seeds": ["0", "1"]})
+        grid.check_types({"seeds": ["0", "1"]})
     with pytest.raises(GridError, match=r"config sweeps.lr.values=\['0.1'\]"):
-        gridcheck.check_types({"seeds": [0], "sweeps": {"lr": {"values": ["0.1"]}}})
-    gridcheck.check_types({"seeds": [0, 1], "sweeps": {"lr": {"values": [0.1]}}})
+        grid.check_types({"seeds": [0], "sweeps": {"lr": {"values": ["0.1"]}}})
+    grid.check_types({"seeds": [0, 1], "sweeps": {"lr": {"values": [0.1]}}})
 
 
 def test_train_sizes_are_the_datasets(tmp_path):
     from msr import data
 
     ds = data.load_dataset("digits", tmp_path, image_size=8)
-    assert len(ds.train_y) == gridcheck.TRAIN_SIZES["digits"]
-    assert data.SYNTHETIC_DEFAULTS["n_train"] == gridcheck.TRAIN_SIZES["synthetic"]
-    assert set(data.DATASETS) <= set(gridcheck.TRAIN_SIZES)
+    assert len(ds.train_y) == grid.TRAIN_SIZES["digits"]
+    assert data.SYNTHETIC_DEFAULTS["n_train"] == grid.TRAIN_SIZES["synthetic"]
+    assert set(data.DATASETS) <= set(grid.TRAIN_SIZES)
 
 
 def test_grid_reuses_sweep_points_of_the_main_grid_and_scales_lr():
@@ -101,7 +101,7 @@ def test_grid_reuses_sweep_points_of_the_main_grid_and_scales_lr():
                   "sweeps": {"lr": {"variants": ["msr"], "values": [0.4, 0.8], "seeds": [1, 2]},
                              "batch_size": {"variants": ["msr"], "values": [32], "seeds": [0], "lr_scaling": "sqrt"},
                              "noise_delta": {"variants": [], "values": []}}})
-    runs = gridcheck.build_grid(cfg)
+    runs = grid.build_grid(cfg)
     paths = [r.path for r in runs.values()]
     # msr's own lr is 0.4: seed 1 at 0.4 is the main grid's run, seed 2 is not in the main grid
     assert "digits/resnet20/msr/lr0.4/seed1" not in paths and "digits/resnet20/msr/lr0.4/seed2" in paths
@@ -113,7 +113,7 @@ def test_grid_reuses_sweep_points_of_the_main_grid_and_scales_lr():
 def test_expected_record_is_what_msr_train_records(tmp_path):
     """Trained for real (tiny): the recorded config.json matches the expectation exactly, for a
     run that leaves lr/noise to its variant and one that sets them, with overrides."""
-    from msr import train as msr_train
+    from msr.training import loop as msr_train
 
     cfg = merged({"train": {"epochs": 1, "image_size": 8, "precision": "fp32", "overrides": {"zmi_norm": 0.5}}})
     runs = [Run("digits", "resnet8", "msr_noise", "base", 0, batch_size=64),
@@ -125,15 +125,15 @@ def test_expected_record_is_what_msr_train_records(tmp_path):
                                  precision="fp32", overrides={"zmi_norm": 0.5}, data_root=str(tmp_path / "data"),
                                  device="cpu", threads=1, probe_every=1000)
         msr_train.train(rc, out, log=lambda *a: None, progress=False)
-        expected = gridcheck.expected_record(run, cfg)
-        assert gridcheck.differences(expected, json.loads((out / "config.json").read_text())) == []
-    stale = gridcheck.find_stale(tmp_path, {r.path: gridcheck.expected_record(r, cfg) for r in runs})
+        expected = grid.expected_record(run, cfg)
+        assert grid.differences(expected, json.loads((out / "config.json").read_text())) == []
+    stale = grid.find_stale(tmp_path, {r.path: grid.expected_record(r, cfg) for r in runs})
     assert stale == {}
     cfg["train"]["epochs"] = 2
-    stale = gridcheck.find_stale(tmp_path, {r.path: gridcheck.expected_record(r, cfg) for r in runs})
+    stale = grid.find_stale(tmp_path, {r.path: grid.expected_record(r, cfg) for r in runs})
     assert stale == {r.path: ["epochs: 1 -> 2"] for r in runs}
     cfg["train"].update(epochs=1, train_subset=500)  # trained on the whole set: stale too
-    stale = gridcheck.find_stale(tmp_path, {r.path: gridcheck.expected_record(r, cfg) for r in runs})
+    stale = grid.find_stale(tmp_path, {r.path: grid.expected_record(r, cfg) for r in runs})
     assert stale == {r.path: ["train_subset: None -> 500"] for r in runs}
 
 
@@ -151,7 +151,7 @@ def test_check_runs_removes_stale_summaries_and_names_them(tmp_path):
     stale = fake_run(tmp_path / "runs", "b/seed0", {**want, "epochs": 4, "lr": 0.4000000000001})
     out, log = tmp_path / "checks" / "runs-x.json", tmp_path / "check.log"
     with pytest.raises(GridError) as err:
-        gridcheck.check_runs(tmp_path / "runs", {"a/seed0": want, "b/seed0": want}, out, log=log)
+        grid.check_runs(tmp_path / "runs", {"a/seed0": want, "b/seed0": want}, out, log=log)
     message = str(err.value)
     assert "1 run(s)" in message and "b/seed0 (epochs: 4 -> 10)" in message and "rerun the same command" in message
     assert not (stale / "summary.json").exists() and (good / "summary.json").exists()
@@ -161,7 +161,7 @@ def test_check_runs_removes_stale_summaries_and_names_them(tmp_path):
     out.parent.mkdir()
     (out.parent / "runs-old.json").write_text("{}")
     (stale / "config.json").write_text(json.dumps(want))
-    gridcheck.check_runs(tmp_path / "runs", {"a/seed0": want, "b/seed0": want}, out, log=log)
+    grid.check_runs(tmp_path / "runs", {"a/seed0": want, "b/seed0": want}, out, log=log)
     assert json.loads(out.read_text())["runs"]["b/seed0"] == want
     assert sorted(p.name for p in out.parent.iterdir()) == ["runs-x.json"]
 
@@ -170,7 +170,7 @@ def test_a_summary_without_its_config_is_stale(tmp_path):
     run_dir = tmp_path / "runs" / "a"
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text("{}")
-    assert gridcheck.find_stale(tmp_path / "runs", {"a": {"epochs": 1}}) == {"a": ["config.json is missing"]}
+    assert grid.find_stale(tmp_path / "runs", {"a": {"epochs": 1}}) == {"a": ["config.json is missing"]}
 
 
 def test_reset_clears_only_a_directory_of_other_options(tmp_path):
@@ -179,32 +179,32 @@ def test_reset_clears_only_a_directory_of_other_options(tmp_path):
     other = fake_run(tmp_path, "other", {**want, "epochs": 3})
     (other / "checkpoint.pt").write_bytes(b"x")
     lines = []
-    assert gridcheck.reset(same, want, log=lines.append) is False and (same / "summary.json").exists()
-    assert gridcheck.reset(other, want, log=lines.append) is True and not other.exists()
+    assert grid.reset(same, want, log=lines.append) is False and (same / "summary.json").exists()
+    assert grid.reset(other, want, log=lines.append) is True and not other.exists()
     assert lines == [f"{other}: options changed (epochs: 3 -> 10); starting this run over"]
-    assert gridcheck.reset(tmp_path / "new", want) is False  # nothing there yet
+    assert grid.reset(tmp_path / "new", want) is False  # nothing there yet
 
     # a directory another process is writing is never cleared under its feet
-    from msr.rundir import RunDirError
+    from msr.training.rundir import RunDirError
 
     busy = fake_run(tmp_path, "busy", {**want, "epochs": 3})
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from msr.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from msr.training.rundir import RunLock; "
                                "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(busy)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirError, match=f"{busy} is being written by another process .*pid {holder.pid}"):
-            gridcheck.reset(busy, want)
+            grid.reset(busy, want)
         assert (busy / "summary.json").exists()
     finally:
         holder.kill()
         holder.wait()
-    assert gridcheck.reset(busy, want) is True and not busy.exists()
+    assert grid.reset(busy, want) is True and not busy.exists()
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "config.json").write_text('{"epochs": ')
-    assert gridcheck.main(["reset", str(damaged), json.dumps(want)]) == 1
+    assert grid.main(["reset", str(damaged), json.dumps(want)]) == 1
     with pytest.raises(GridError, match=rf"{damaged}/config.json is not valid JSON .*delete the run directory"):
-        gridcheck.reset(damaged, want)
+        grid.reset(damaged, want)
     assert (damaged / "config.json").exists()

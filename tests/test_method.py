@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msr.method import (
+from msr.core.method import (
     BlockInputNoise,
     cmrr_gradients_,
     project_gradients_,

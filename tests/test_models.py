@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from msr.models import GainConv2d, OptionAShortcut, cifar_resnet, parse_arch
+from msr.core.models import GainConv2d, OptionAShortcut, cifar_resnet, parse_arch
 
 
 @pytest.mark.parametrize("depth", [8, 14, 20, 32, 44, 56, 110])

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msr import variants
-from msr.method import adaptive_clip_gradients_, slice_means, unitwise_norm
-from msr.models import (
+from msr.core import variants
+from msr.core.method import adaptive_clip_gradients_, slice_means, unitwise_norm
+from msr.core.models import (
     RELU_GAMMA,
     BasicBlock,
     FixupBlock,
@@ -24,8 +24,8 @@ from msr.models import (
     gamma_relu,
     kernel_parameter,
 )
-from msr.probes import Prober
-from msr.variants import VARIANTS, build
+from msr.core.variants import VARIANTS, build
+from msr.training.probes import Prober
 
 PEERS = ["wn", "fixup", "skipinit", "nf_ws", "bn_preact", "msr_rs"]
 NORMALIZER_FREE_PEERS = ["wn", "fixup", "skipinit", "nf_ws"]

@@ -1,4 +1,4 @@
-"""The fork server (msr.prefork): a run started through it is the run a fresh process trains,
+"""The fork server (msr.infra.prefork): a run started through it is the run a fresh process trains,
 bitwise; exit codes, output and stop signals pass through; without a server `msr train` runs
 on its own."""
 

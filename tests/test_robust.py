@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from msr import aggregate as agg
 from msr import data as msr_data
+from msr.analysis import aggregate as agg
 from msr.cli import main as msr_main
-from msr.method import slice_means
-from msr.rundir import METRIC_COLUMNS, RunDirError, RunLock, read_metrics, read_probes
-from msr.train import CLEAN_TRAIN_IMAGES, ConfigError, RunConfig, train
-from msr.variants import Variant, build
+from msr.core.method import slice_means
+from msr.core.variants import Variant, build
+from msr.training.loop import CLEAN_TRAIN_IMAGES, ConfigError, RunConfig, train
+from msr.training.rundir import METRIC_COLUMNS, RunDirError, RunLock, read_metrics, read_probes
 
 
 def tiny(root: Path, **kw) -> RunConfig:
@@ -377,7 +377,7 @@ def test_cpu_bf16_autocast_keeps_zmg_on_fp32_gradients(root, tmp_path, monkeypat
         seen["params"].update(p.dtype for p in self.projected)
         real_after(self)
 
-    monkeypatch.setattr("msr.train.build", build_with_probe)
+    monkeypatch.setattr("msr.training.loop.build", build_with_probe)
     monkeypatch.setattr(Variant, "after_backward", after_backward)
     out = tmp_path / "bf16"
     summary = train(tiny(root, precision="bf16", device="cpu", epochs=1), out, log=quiet)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from msr import manifest, report
+from msr.analysis import figures, manifest
 from msr.cli import main as msr_main
 
 RID = "digits/resnet8/msr/base/seed0"
@@ -29,13 +29,13 @@ def project(tmp_path, monkeypatch) -> Path:
     (root / "workflow/config").mkdir(parents=True)
     (root / "workflow/config/default.yaml").write_text("name: demo\ntrain:\n  epochs: 4\nseeds: [0]\n")
     (root / "workflow/config/other.yaml").write_text("name: other\ntrain:\n  epochs: 9\n")
-    figures = root / "figures/demo"
-    figures.mkdir(parents=True)
-    (figures / "fig.png").write_bytes(b"png bytes")
-    (figures / "tab.csv").write_text("a,b\n1,2\n")
+    figure_dir = root / "figures/demo"
+    figure_dir.mkdir(parents=True)
+    (figure_dir / "fig.png").write_bytes(b"png bytes")
+    (figure_dir / "tab.csv").write_text("a,b\n1,2\n")
     prov = root / "results/demo/provenance"
-    report.write_provenance(prov / "fig.json", "fig", [RID], ["figures/demo/fig.png"], ["results/demo/tables/runs.csv"])
-    report.write_provenance(prov / "tab.json", "tab", [], ["figures/demo/tab.csv"])
+    figures.write_provenance(prov / "fig.json", "fig", [RID], ["figures/demo/fig.png"], ["results/demo/tables/runs.csv"])
+    figures.write_provenance(prov / "tab.json", "tab", [], ["figures/demo/tab.csv"])
     (prov / "config.json").write_text(json.dumps(CONFIG))
     monkeypatch.chdir(root)
     assert manifest.main([

@@ -1,4 +1,4 @@
-"""K seeds stacked in one process (msr.stacked) train the same K models as K separate runs.
+"""K seeds stacked in one process (msr.training.stacked) train the same K models as K separate runs.
 
 The reference is the trainer's step, written out: seed, build, SGD(momentum 0.9) over the
 variant's groups; each step forward, cross-entropy + extra loss, backward, after_backward, step.
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msr.stacked import StackedSeeds
-from msr.variants import VARIANTS, VariantSpec, build
+from msr.core.variants import VARIANTS, VariantSpec, build
+from msr.training.stacked import StackedSeeds
 
 K, B, STEPS, SIZE, DEPTH = 3, 8, 20, 8, 8
 SEEDS = [0, 1, 2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msr.data import stratified_subset
-from msr.train import ConfigError, RunConfig, train
+from msr.training.loop import ConfigError, RunConfig, train
 
 
 def test_subset_has_the_size_and_class_shares_asked_for():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from msr.cli import main as msr_main
-from msr.method import slice_means
-from msr.train import METRIC_COLUMNS, PROBE_COLUMNS, ConfigError, RunConfig, train
-from msr.variants import build
+from msr.core.method import slice_means
+from msr.core.variants import build
+from msr.training.loop import METRIC_COLUMNS, PROBE_COLUMNS, ConfigError, RunConfig, train
 
 FILES = ["config.json", "metrics.csv", "probes.csv", "summary.json", "checkpoint.pt"]
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msr.method import slice_means
-from msr.models import GainConv2d
-from msr.variants import OVERRIDABLE, VARIANTS, build
+from msr.core.method import slice_means
+from msr.core.models import GainConv2d
+from msr.core.variants import OVERRIDABLE, VARIANTS, build
 
 REQUIRED = ["bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr"]
 PEERS = ["msr_rs", "wn", "fixup", "skipinit", "nf_ws", "bn_preact"]  # details: test_peers.py

@@ -82,7 +82,7 @@ def expected_train_jobs(cfg: dict) -> int:
     datasets x archs x variants x seeds, plus every sweep point (dataset x arch x variant x value
     x seed) except those identical to a main-grid run (same resolved value, and the point's
     dataset/arch/variant/seed are in the main grid), which are reused."""
-    from msr.variants import VARIANTS
+    from msr.core.variants import VARIANTS
 
     train = cfg["train"]
     main = (set(cfg["datasets"]), set(cfg["archs"]), set(cfg["variants"]), set(cfg["seeds"]))
@@ -163,7 +163,7 @@ def test_profile_dry_run_lists_its_grid_without_gpu_or_data(workdir, profile):
     expected = expected_jobs(cfg)
     assert {k: counts.get(k) for k in expected} == expected
     assert cfg["name"] == profile
-    from msr.variants import VARIANTS
+    from msr.core.variants import VARIANTS
 
     assert cfg["variants"] == list(VARIANTS)  # every variant of the registry
     if profile == "paper":
@@ -285,7 +285,7 @@ def test_slurm_profile_dry_run(workdir):
     ({"sweeps": {"batch_size": {"values": [0]}}}, "0 is less than the minimum of 1"),
     ({"resources": {"gpus": 1}}, "'gpus' was unexpected"),
     ({"archs": ["vgg16"]}, "'vgg16' does not match"),
-    # the workflow's own checks (msr.gridcheck and the library's validation)
+    # the workflow's own checks (msr.pipeline.grid and the library's validation)
     ({"archs": ["resnet21"]}, "resnet21"),
     ({"sweeps": {"lr": {"archs": ["resnet22"], "variants": ["msr"], "values": [0.1]}}}, "resnet22"),
     ({"datasets": ["cifar10"], "train": {"image_size": 16}}, "image_size"),
@@ -312,8 +312,8 @@ def test_list_from_the_command_line_is_named_not_a_type_error(workdir):
 
 
 def test_schema_enums_match_the_library():
+    from msr.core.variants import VARIANTS
     from msr.data import DATASETS
-    from msr.variants import VARIANTS
 
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
     assert schema["$defs"]["variant"]["enum"] == list(VARIANTS)

@@ -149,7 +149,7 @@ step bench_compile 200 60 "$PY" -m msr bench --device "$BENCH_DEV" --arch "$ARCH
     for f in "$OUT"/bench_*.json; do
         [ -e "$f" ] || continue
         echo; echo "## $(basename "$f")"; echo '```'
-        "$PY" -c 'import json, sys; from msr.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))' "$f" 2>&1
+        "$PY" -c 'import json, sys; from msr.infra.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))' "$f" 2>&1
         echo '```'
     done
     if [ -e "$OUT/digits_compare.json" ]; then echo; echo "## digits, CUDA vs CPU"; echo '```'; cat "$OUT/digits_compare.json"; echo '```'; fi

@@ -49,8 +49,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 # --------------------------------------------------------------------------- train
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from msr.core.variants import VARIANTS
     from msr.data import DATASETS
-    from msr.variants import VARIANTS
 
     p = sub.add_parser(
         "train",
@@ -84,14 +84,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--gpu-slots", dest="gpu_slots", type=int, default=0, metavar="K",
         help="runs per GPU: claim a free (GPU id, slot < K) pair before CUDA starts and hold it until exit "
         "(ids: $MSR_GPU_IDS, default every visible GPU; locks: $MSR_GPU_LOCK_DIR). 0 = off (default); "
-        "ignored with --device cpu (see msr.gpu)",
+        "ignored with --device cpu (see msr.infra.gpu)",
     )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from msr import train as msr_train
     from msr.data import DatasetError
+    from msr.training import loop as msr_train
 
     opts = vars(args).copy()
     for key in ("command", "func"):
@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if overrides:
             values["overrides"] = overrides
         if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
-            from msr.gpu import claim_for_run
+            from msr.infra.gpu import claim_for_run
 
             claim_for_run(gpu_slots, str(values.get("device", "auto")))
         cfg = msr_train.RunConfig.from_dict(values)
@@ -191,7 +191,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- registry
 def cmd_variants(args: argparse.Namespace) -> int:
-    from msr.variants import VARIANTS
+    from msr.core.variants import VARIANTS
 
     for spec in VARIANTS.values():
         print(f"{spec.name:<10} claim {spec.claim:<9} {spec.description}")
@@ -200,18 +200,18 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- forwarded commands
 FORWARDED = {
-    "aggregate": ("msr.aggregate", "collect run directories into tidy tables"),
-    "manifest": ("msr.manifest", "write figures/<set>/MANIFEST.json"),
-    "verify": ("msr.verify", "check a figure set against its MANIFEST.json (hashes, runs, config)"),
-    "bench": ("msr.bench", "compare training-step speed: eager, compile, CUDA graph, K processes, K stacked seeds"),
-    "prefork": ("msr.prefork", "run a command (snakemake) whose `msr train` jobs skip torch's import"),
+    "aggregate": ("msr.analysis.aggregate", "collect run directories into tidy tables"),
+    "manifest": ("msr.analysis.manifest", "write figures/<set>/MANIFEST.json"),
+    "verify": ("msr.analysis.verify", "check a figure set against its MANIFEST.json (hashes, runs, config)"),
+    "bench": ("msr.infra.bench", "compare training-step speed: eager, compile, CUDA graph, K processes, K stacked seeds"),
+    "prefork": ("msr.infra.prefork", "run a command (snakemake) whose `msr train` jobs skip torch's import"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"] and os.environ.get("MSR_PREFORK_SOCKET"):
-        from msr.prefork import delegate  # before anything imports torch: that is the point
+        from msr.infra.prefork import delegate  # before anything imports torch: that is the point
 
         code = delegate(argv)
         if code is not None:

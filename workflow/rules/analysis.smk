@@ -10,7 +10,7 @@
 
 
 # The gate before aggregation: every run directory's config.json records the options this
-# config gives (msr.gridcheck). Snakemake notices a config edit through its metadata in
+# config gives (msr.pipeline.grid). Snakemake notices a config edit through its metadata in
 # .snakemake/ and retrains; without that metadata (a fresh clone with copied results, or
 # --rerun-triggers mtime) this check catches it: stale runs lose their summary.json and the
 # pipeline stops naming them, so the next run retrains them. Its output is named by the hash
@@ -24,7 +24,7 @@ rule check_runs:
         f"{LOGS}/check_runs.log",
     localrule: True
     run:
-        gridcheck.check_runs(RUNS_ROOT, EXPECTED, output[0], log=log[0])
+        grid.check_runs(RUNS_ROOT, EXPECTED, output[0], log=log[0])
 
 
 rule aggregate:

@@ -17,9 +17,9 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 try:
-    from msr import gridcheck
+    from msr.pipeline import grid
     from msr.data import cache_path as _msr_cache_path
-    from msr.models import parse_arch as _msr_parse_arch
+    from msr.core.models import parse_arch as _msr_parse_arch
 except ImportError as err:  # pragma: no cover - a setup problem, not a config problem
     raise WorkflowError(
         f"the msr package is not importable ({err}); run `make run` (creates .venv) or "
@@ -33,21 +33,21 @@ def _config_error(err):
 
 # --------------------------------------------------------------------- the config, checked
 # Order matters: the schema's message for `--config seeds=[0,1]` ("'0' is not of type
-# 'integer'") hides the cause, so that case is named first; gridcheck's checks need the
+# 'integer'") hides the cause, so that case is named first; msr.pipeline.grid's checks need the
 # defaults the schema fills in.
 try:
-    gridcheck.check_types(config)
-except gridcheck.GridError as err:
+    grid.check_types(config)
+except grid.GridError as err:
     raise _config_error(err)
 
 validate(config, "../schemas/config.schema.yaml")
 
 try:
-    gridcheck.check_config(config)
-except gridcheck.GridError as err:
+    grid.check_config(config)
+except grid.GridError as err:
     raise _config_error(err)
 
-# Rules call the `msr` console script (and `python -m msr.gridcheck`): make the ones next to
+# Rules call the `msr` console script (and `python -m msr.pipeline.grid`): make the ones next to
 # this Python interpreter win, so `.venv/bin/snakemake` works without activating the venv (also
 # inside cluster jobs, which re-read this file).
 os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
@@ -93,14 +93,14 @@ for _name in ("probe_dataset", "probe_arch"):
                             f"{'datasets' if _name == 'probe_dataset' else 'archs'} {_valid}")
 
 try:
-    RUNS = gridcheck.build_grid(config)
-except gridcheck.GridError as err:
+    RUNS = grid.build_grid(config)
+except grid.GridError as err:
     raise _config_error(err)
 
-# What every run's config.json must record (gridcheck.expected_record), keyed by run path;
+# What every run's config.json must record (grid.expected_record), keyed by run path;
 # its hash names the check_runs output, so a config edit that changes any run's options
 # reruns the check even where Snakemake keeps no metadata (analysis.smk, check_runs).
-EXPECTED = {run.path: gridcheck.expected_record(run, config) for run in RUNS.values()}
+EXPECTED = {run.path: grid.expected_record(run, config) for run in RUNS.values()}
 GRID_SHA = hashlib.sha256(json.dumps(EXPECTED, sort_keys=True).encode()).hexdigest()[:16]
 RUNS_CHECKED = f"{RESULTS}/checks/runs-{GRID_SHA}.json"
 
@@ -184,7 +184,7 @@ def config_json():
 
 
 def config_sha256():
-    """Hash of config_json() (msr.manifest.config_digest computes the same), for the manifest."""
+    """Hash of config_json() (msr.analysis.manifest.config_digest computes the same), for the manifest."""
     return hashlib.sha256(config_json().encode()).hexdigest()
 
 

@@ -3,7 +3,7 @@
 Raw data are parsed once; later loads read one ``torch.load(weights_only=True)`` file. The file
 stores a key (every setting its contents depend on, see ``DatasetSpec.cache_key``) and a format
 number, so a cache written for other settings or by an older layout is rebuilt, never trusted.
-Writes go through :mod:`msr.io` (unique temp file + rename): a killed job or two concurrent jobs
+Writes go through :mod:`msr.atomic` (unique temp file + rename): a killed job or two concurrent jobs
 never leave a half-written cache.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from msr import io as msr_io
+from msr import atomic
 
 # Bumped whenever the processed-cache contents change meaning; an old cache is then rebuilt.
 CACHE_FORMAT = 1
@@ -66,5 +66,5 @@ def obtain(
         payload["format"] = CACHE_FORMAT
         payload["name"] = name
         payload["key"] = key
-        msr_io.torch_save(path, payload)
+        atomic.torch_save(path, payload)
     return payload

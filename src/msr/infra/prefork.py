@@ -114,8 +114,8 @@ def serve(path: str) -> None:
     """Import what a run needs, then fork a handler per client until the parent goes away."""
     import random  # noqa: F401 - reseeded in each job below
 
-    import msr.cli  # noqa: F401 - the expensive imports, paid once: torch, msr.train, ...
-    import msr.train  # noqa: F401
+    import msr.cli  # noqa: F401 - the expensive imports, paid once: torch, msr.training.loop, ...
+    import msr.training.loop  # noqa: F401
 
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -240,7 +240,7 @@ def run_with_server(command: list[str], socket_dir: str | None = None) -> int:
     """Start a server, run ``command`` with ``MSR_PREFORK_SOCKET`` set, stop the server."""
     with tempfile.TemporaryDirectory(prefix="msr-prefork-", dir=socket_dir) as folder:
         path = os.path.join(folder, "server.sock")
-        server = subprocess.Popen([sys.executable, "-m", "msr.prefork", "--serve", path])
+        server = subprocess.Popen([sys.executable, "-m", "msr.infra.prefork", "--serve", path])
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while not os.path.exists(path):

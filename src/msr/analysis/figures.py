@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from msr import io as msr_io
-from msr.aggregate import depth_of_arch
+from msr import atomic
+from msr.analysis.aggregate import depth_of_arch
 
 # Published BatchNorm ResNet numbers on CIFAR-10 (test accuracy, %), shown as reference
 # columns next to our runs - they are NOT runs of this pipeline.
@@ -94,7 +94,7 @@ def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "",
     return tex.replace("±", r"$\pm$")
 
 
-# The registry's order (msr.variants.VARIANTS when this was written; a test checks it is still
+# The registry's order (msr.core.variants.VARIANTS when this was written; a test checks it is still
 # a prefix of it) - fixed colours per variant across every figure. Kept here so the notebooks
 # need not import torch; variants added later sort after these, by name.
 VARIANT_ORDER = ("bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr",
@@ -202,7 +202,7 @@ def write_provenance(path: str | Path, name: str, run_ids: Iterable[str],
     record = {"name": name, "outputs": sorted(Path(p).as_posix() for p in outputs),
               "sources": sorted(Path(p).as_posix() for p in sources),
               "runs": sorted(set(run_ids))}
-    msr_io.write_text(path, json.dumps(record, indent=1) + "\n")
+    atomic.write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 

@@ -7,7 +7,7 @@
 - ``unity_decay``          ``kappa * sum_o (||W[o]|| - 1)^2``, the replacement for L2 decay.
 - ``adaptive_clip_gradients_``  AGC (Brock et al. 2021b), a peer's gradient clipping, any variant.
 
-No training loop lives here (see ``msr.train``); ``msr.variants`` wires these into variants.
+No training loop lives here (see ``msr.training.loop``); ``msr.core.variants`` wires these into variants.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def cifar_resnet(
 ) -> CifarResNet:
     """He et al. 2016 CIFAR ResNet. ``norm='bn'`` is the reference net; ``'none'`` drops BatchNorm.
 
-    Initialization is left to the caller (``msr.variants`` applies each variant's scheme);
+    Initialization is left to the caller (``msr.core.variants`` applies each variant's scheme);
     this builds PyTorch's default-initialized module.
     """
     return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels, norm=norm, **kwargs)
@@ -333,7 +333,7 @@ class FixupBlock(nn.Module):
 class FixupResNet(ResNetBase):
     """Fixup ResNet-(6n+2): ``relu(stem(x) + bias1)``, Fixup blocks, ``fc(pool(x) + bias2)``.
 
-    Built with PyTorch's default init; ``msr.variants`` applies Fixup's rescaling and zeros
+    Built with PyTorch's default init; ``msr.core.variants`` applies Fixup's rescaling and zeros
     (which need ``num_residual_blocks``, the L of the paper).
     """
 

@@ -25,7 +25,13 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from msr.manifest import FIGURE_SUFFIXES, RUN_FILES, config_digest, load_config_file, sha256_file
+from msr.analysis.manifest import (
+    FIGURE_SUFFIXES,
+    RUN_FILES,
+    config_digest,
+    load_config_file,
+    sha256_file,
+)
 
 MANIFEST = "MANIFEST.json"
 # files in a set's folder that are part of a figure set (anything else, like a README, is not)

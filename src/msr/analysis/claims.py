@@ -10,7 +10,7 @@ under the table (:data:`RULES`):
   ``supported`` when the whole CI lies on the side of 0 the claim predicts, ``contradicted``
   when it lies wholly on the other side, ``inconclusive`` when it touches or spans 0.
 - **Diverged seeds** are not accuracies: a diverged run's last evaluation is of a model about
-  to become non-finite (msr.aggregate keeps them out of every mean, and so do we). They enter
+  to become non-finite (msr.analysis.aggregate keeps them out of every mean, and so do we). They enter
   the comparison in two ways instead: (1) a side with fewer than :data:`MIN_SEEDS` completed
   seeds is ``inconclusive`` (docs/method.md), and (2) divergence can never make a side win: if the
   CI favours a side that lost seeds to divergence, the verdict is ``inconclusive`` (its mean
@@ -47,7 +47,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from msr.aggregate import depth_of_arch, t_quantile
+from msr.analysis.aggregate import depth_of_arch, t_quantile
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 CONFIDENCE = 0.95
@@ -68,7 +68,7 @@ PEERS_CLAIM6 = ("wn", "fixup", "skipinit")
 Expect = Literal["above", "below"]
 
 RULES = (
-    f"Verdict rule (msr.claims): effects are differences of final-epoch test accuracy means "
+    f"Verdict rule (msr.analysis.claims): effects are differences of final-epoch test accuracy means "
     f"over completed seeds, A - B, with a {CONFIDENCE:.0%} Welch t confidence interval; "
     f"supported when the CI lies wholly on the side the claim predicts, contradicted when wholly "
     f"on the other side, inconclusive when it touches or spans 0.",
@@ -414,7 +414,7 @@ def train_eval_difference(variant: str, depth: int, num_classes: int, in_channel
     ``state_dict`` if given, else its initialization) on one fixed random batch of 8."""
     import torch
 
-    from msr import variants
+    from msr.core import variants
 
     torch.manual_seed(seed)
     model = variants.build(variant, depth=depth, num_classes=num_classes, in_channels=in_channels,
@@ -439,7 +439,7 @@ def classes_of(dataset: str, num_classes: Mapping[str, int] | None = None) -> in
     classes = {**NUM_CLASSES, **(num_classes or {})}
     if dataset not in classes:
         raise ValueError(f"number of classes of dataset {dataset!r} unknown: add it to "
-                         f"msr.claims.NUM_CLASSES or pass num_classes={{{dataset!r}: N}}")
+                         f"msr.analysis.claims.NUM_CLASSES or pass num_classes={{{dataset!r}: N}}")
     return int(classes[dataset])
 
 
@@ -517,7 +517,7 @@ def claims_table(runs: pd.DataFrame, *, probes: pd.DataFrame | None = None,
                  num_classes: Mapping[str, int] | None = None) -> pd.DataFrame:
     """T3: one row per claim (and per peer for claim 6) per dataset/arch of ``runs``
     (runs.csv). ``probes``: step-0 mean-shift probes of the main-grid runs (long format, as
-    msr.aggregate.load_probes), for claim 1's mean-shift row; ``identity``: (dataset, arch) ->
+    msr.analysis.aggregate.load_probes), for claim 1's mean-shift row; ``identity``: (dataset, arch) ->
     {"diff", "scale", "control", "note"} from :func:`train_eval_difference`, for claim 3."""
     rows = []
     pairs = runs[["dataset", "arch"]].drop_duplicates() if not runs.empty else pd.DataFrame(columns=["dataset", "arch"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from msr.method import (
+from msr.core.method import (
     GRANULARITIES,
     NOISE_DISTS,
     BlockInputNoise,
@@ -29,7 +29,7 @@ from msr.method import (
     unity_decay,
     zero_mean_init_,
 )
-from msr.models import (
+from msr.core.models import (
     BasicBlock,
     FixupBlock,
     FixupResNet,

@@ -5,7 +5,7 @@ aggregation (tables), so both accept and reject exactly the same directories.
 A run directory is consistent or rejected, never half-used:
 
 - ``metrics.csv`` holds the epochs 1..E of its run and ``probes.csv`` parses completely. Every
-  msr write is atomic (msr.io), so a truncated file (last line cut, rows with missing fields)
+  msr write is atomic (msr.atomic), so a truncated file (last line cut, rows with missing fields)
   means outside damage - a copy that ran out of space, an editor, a partial sync. It is a
   :class:`RunDirError` that names the file and says to delete the run directory, never a clean
   restart: silently retraining would hide the damage and throw away finished epochs.

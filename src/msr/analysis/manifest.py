@@ -9,7 +9,7 @@ directory and the sha256 of its ``config.json``, ``summary.json`` and ``metrics.
 the manifest's own folder below the project root. Paths are relative to the project root.
 No timestamps, so a rerun on the same inputs gives the same bytes.
 
-``msr verify`` (msr.verify) checks a set against it.
+``msr verify`` (msr.analysis.verify) checks a set against it.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import yaml
 
-from msr import io as msr_io
+from msr import atomic
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 MANIFEST_VERSION = 2
-# the run files whose hashes the manifest records (msr.rundir's names)
+# the run files whose hashes the manifest records (msr.training.rundir's names)
 RUN_FILES = ("config.json", "summary.json", "metrics.csv")
 
 
@@ -143,7 +143,7 @@ def _relative(path: str | Path, cwd: str | Path) -> Path:
 
 
 def write_manifest(manifest: dict, out: str | Path) -> None:
-    msr_io.write_text(out, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    atomic.write_text(out, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.config_record}: expected a mapping of config keys")
         manifest = build_manifest(args.provenance, args.runs, run_dirs, args.config_sha256,
                                   out=args.out, config=config)
-        write_manifest(manifest, args.out)  # a full disk: msr.io.NoSpaceError, one line
+        write_manifest(manifest, args.out)  # a full disk: msr.atomic.NoSpaceError, one line
     except (OSError, KeyError, ValueError, yaml.YAMLError) as err:
         print(f"msr manifest: error: {err}", file=sys.stderr)
         return 2

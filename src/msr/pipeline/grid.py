@@ -16,7 +16,7 @@ the start of every train job), the *recorded* options of each run directory (its
 config edit is noticed even when Snakemake's own metadata (``.snakemake/``) is gone or only
 modification times are compared (``--rerun-triggers mtime``).
 
-Nothing here imports torch at module level: ``python -m msr.gridcheck reset`` runs before every
+Nothing here imports torch at module level: ``python -m msr.pipeline.grid reset`` runs before every
 train job and must stay cheap.
 """
 
@@ -79,7 +79,7 @@ def fmt_value(value: float) -> str:
 
 
 def _spec(variant: str, overrides: Mapping[str, Any]):
-    from msr.variants import get_spec  # torch: only where a grid is built
+    from msr.core.variants import get_spec  # torch: only where a grid is built
 
     return get_spec(variant, **overrides)
 
@@ -294,7 +294,7 @@ def check_runs(runs_root: str | Path, expected: Mapping[str, Mapping[str, Any]],
     """The pipeline's gate before aggregation: every run was trained with the options the config
     gives. Stale runs lose their summary.json (so the next pipeline run retrains them) and the
     check fails naming them (also in ``log``); else ``out`` records the checked options."""
-    from msr import io as msr_io
+    from msr import atomic
 
     try:
         stale = find_stale(runs_root, expected)
@@ -314,7 +314,7 @@ def check_runs(runs_root: str | Path, expected: Mapping[str, Mapping[str, Any]],
         _log(log, message + "\n" + "\n".join(f"stale: {p}: {', '.join(d)}" for p, d in stale.items()))
         raise GridError(message)
     _log(log, f"{len(expected)} run(s) under {runs_root} match the config")
-    msr_io.write_json(Path(out), {"runs": {p: dict(r) for p, r in expected.items()}})
+    atomic.write_json(Path(out), {"runs": {p: dict(r) for p, r in expected.items()}})
     for old in Path(out).parent.glob("runs-*.json"):
         if old.name != Path(out).name:
             old.unlink(missing_ok=True)  # the check of an earlier config: outdated
@@ -337,7 +337,7 @@ def reset(run_dir: str | Path, expected: Mapping[str, Any], log=print) -> bool:
     diff = differences(expected, record)
     if not diff:
         return False
-    from msr.rundir import RunLock  # no torch
+    from msr.training.rundir import RunLock  # no torch
 
     # never under a live writer's feet (a duplicate job, a second Snakemake with --nolock):
     # RunLock fails at once naming the holder
@@ -348,18 +348,18 @@ def reset(run_dir: str | Path, expected: Mapping[str, Any], log=print) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msr.gridcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m msr.pipeline.grid", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("reset", help="clear a run directory trained with other options (before a train job)")
     p.add_argument("run_dir")
     p.add_argument("expected", help="the options as JSON (expected_record)")
     args = parser.parse_args(argv)
-    from msr.rundir import RunDirError
+    from msr.training.rundir import RunDirError
 
     try:
         reset(args.run_dir, json.loads(args.expected))
     except (GridError, RunDirError, OSError) as err:
-        print(f"msr.gridcheck reset: {err}", file=sys.stderr)
+        print(f"msr.pipeline.grid reset: {err}", file=sys.stderr)
         return 1
     return 0
 

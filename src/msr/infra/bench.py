@@ -15,7 +15,7 @@ Two reports.
 - ``processes``: K runs at once as K processes (the same eager step, each its own seed and
   data), started together after their warm-up; images/s is all K together, over the wall time
   from the first start to the last end;
-- ``stacked``: K seeds of the variant stacked in one process (``msr.stacked``);
+- ``stacked``: K seeds of the variant stacked in one process (``msr.training.stacked``);
 - ``stacked_graph``: that stacked step captured as one CUDA graph (noise from the default
   generator, ``noise_rng="shared"``, the graph-safe one); CUDA only.
 Times exclude warm-up (and compilation); CUDA events time the GPU, ``perf_counter`` the CPU.
@@ -50,11 +50,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from msr import atomic
 from msr import data as msr_data
-from msr import io as msr_io
-from msr.method import BlockInputNoise
-from msr.models import parse_arch
-from msr.variants import VARIANTS, Variant, build
+from msr.core.method import BlockInputNoise
+from msr.core.models import parse_arch
+from msr.core.variants import VARIANTS, Variant, build
 
 
 # =========================================================================== data-path report
@@ -461,7 +461,7 @@ def bench_single(args, arch: str, variant: str, method: str, device: torch.devic
 
 
 def bench_stacked(args, arch: str, variant: str, device: torch.device, amp_dtype, graph: bool = False) -> dict:
-    from msr.stacked import StackedSeeds
+    from msr.training.stacked import StackedSeeds
 
     k = args.k
     noise = "shared" if graph else args.stacked_noise
@@ -531,7 +531,7 @@ def _worker(spec: dict) -> int:
 class _Proc:
     def __init__(self, spec: dict):
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "msr.bench", "--worker", json.dumps(spec)],
+            [sys.executable, "-m", "msr.infra.bench", "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.lines: queue.Queue = queue.Queue()
@@ -638,7 +638,7 @@ def run_table(args, device: torch.device, log=print) -> dict:
                 result["rows"].append(row)
                 log(format_row(row))
                 if args.json:
-                    msr_io.write_json(args.json, result)  # after every row: a cut-short run keeps what it measured
+                    atomic.write_json(args.json, result)  # after every row: a cut-short run keeps what it measured
     return result
 
 
@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--compile-on-cpu", action="store_true", help="run the 'compile' row on a CPU too (20-40 s per model)")
-    p.add_argument("--stacked-noise", default="per_model", choices=["per_model", "shared"], help="noise RNG of the stacked models (msr.stacked)")
+    p.add_argument("--stacked-noise", default="per_model", choices=["per_model", "shared"], help="noise RNG of the stacked models (msr.training.stacked)")
     p.add_argument("--worker-timeout", type=float, default=600.0, help="seconds the K processes may take in all")
     p.add_argument("--json", "--out", dest="json", help="also write the result as JSON here")
     g = p.add_argument_group("data-path report (--data-path)")
@@ -741,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_data_path(args)
             print(format_data_path(result))
             if args.json:
-                msr_io.write_json(args.json, result)
+                atomic.write_json(args.json, result)
             return 0
         if args.k is None:
             args.k = 4 if device.type == "cuda" else max(1, min(4, len(os.sched_getaffinity(0))))

@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from msr.method import BlockInputNoise, cmrr_gradients_, project_gradients_, unity_decay
-from msr.models import GainConv2d
-from msr.variants import Variant, build
+from msr.core.method import BlockInputNoise, cmrr_gradients_, project_gradients_, unity_decay
+from msr.core.models import GainConv2d
+from msr.core.variants import Variant, build
 
 NOISE_RNGS = ("per_model", "shared")
 

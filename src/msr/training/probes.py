@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msr.method import slice_means
-from msr.models import CifarResNet, GainConv2d
+from msr.core.method import slice_means
+from msr.core.models import CifarResNet, GainConv2d
 
 Row = tuple[int, str, str, float]  # step, layer, metric, value
 

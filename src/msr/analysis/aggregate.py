@@ -1,4 +1,4 @@
-"""Run directories -> tidy tables and statistics over seeds (presentation lives in msr.report).
+"""Run directories -> tidy tables and statistics over seeds (presentation lives in msr.analysis.figures).
 
 ``msr aggregate`` reads the run directories written by ``msr train`` (docs/architecture.md, "The run
 directory") and writes, into ``--out``:
@@ -11,9 +11,9 @@ directory") and writes, into ``--out``:
   ``SUMMARY_METRICS``, ``<metric>_mean/_std/_ci95`` over the *completed* runs;
 - ``curves.csv``  every run's per-epoch ``metrics.csv`` stacked, with the run's keys.
 
-Every listed run must be complete and undamaged (``msr.rundir.check_complete``: config.json,
+Every listed run must be complete and undamaged (``msr.training.rundir.check_complete``: config.json,
 summary.json, metrics.csv agreeing with it, a whole probes.csv); one that is not stops the
-aggregation with a one-line :class:`~msr.rundir.RunDirError` naming the run's file - a run is
+aggregation with a one-line :class:`~msr.training.rundir.RunDirError` naming the run's file - a run is
 never dropped from a table or a figure while the provenance still lists it. So ``n_completed``
 counts exactly the runs each mean averages (a completed run always has a finite headline).
 
@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from msr import io as msr_io
-from msr.rundir import (
+from msr import atomic
+from msr.training.rundir import (
     METRIC_COLUMNS,
     METRICS,
     PROBES,
@@ -141,7 +141,7 @@ def load_run(run_dir: Path, root: Path | None = None) -> dict:
     record["diverged"] = summary.get("status") == "diverged"
     train_acc, test_acc = _num(summary.get("final_train_acc")), _num(summary.get("final_test_acc"))
     record["train_test_gap"] = train_acc - test_acc
-    # clean: eval mode, no augmentation (msr.train.CLEAN_TRAIN_IMAGES) - comparable with test
+    # clean: eval mode, no augmentation (msr.training.loop.CLEAN_TRAIN_IMAGES) - comparable with test
     record["clean_train_test_gap"] = _num(summary.get("final_clean_train_acc")) - test_acc
     return record
 
@@ -278,7 +278,7 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Atomic write (temp file + rename), so a half-written table is never read."""
-    msr_io.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
+    atomic.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
 
 
 def aggregate(run_dirs: Iterable[Path], out: Path, root: Path | None = None) -> dict[str, Path]:

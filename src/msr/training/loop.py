@@ -2,20 +2,20 @@
 
     <out>/config.json    resolved config, versions, device
     <out>/metrics.csv    one row per epoch
-    <out>/probes.csv     step, layer, metric, value (msr.probes)
+    <out>/probes.csv     step, layer, metric, value (msr.training.probes)
     <out>/summary.json   status completed|diverged, final (headline) and best test accuracy, ...
     <out>/checkpoint.pt  last epoch's state, for resume
     <out>/.lock          held (fcntl.flock) while a process writes the directory
 
 Every file is written atomically. A complete run (summary.json and a metrics.csv that agrees
-with it, msr.rundir.check_complete) does nothing; a run with a checkpoint resumes and ends
+with it, msr.training.rundir.check_complete) does nothing; a run with a checkpoint resumes and ends
 bitwise identical (on CPU, same thread count) to an uninterrupted one, because the data order
 and augmentation are a pure function of (seed, epoch) and the checkpoint holds every other
 source of randomness. A non-finite loss ends the run as ``diverged`` - a result, not a crash.
 
 A directory that is neither fresh, nor resumable, nor complete - a damaged or truncated file,
 files that disagree with the checkpoint, an older metrics schema, another live writer, a full
-disk - stops with a :class:`msr.rundir.RunDirError`: one line naming the file and what to do.
+disk - stops with a :class:`msr.training.rundir.RunDirError`: one line naming the file and what to do.
 Resume never silently restarts: a damaged directory is the user's to delete.
 """
 
@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import msr
+from msr import atomic
 from msr import data as msr_data
-from msr import io as msr_io
-from msr.models import parse_arch
-from msr.probes import Prober, grad_norm
-from msr.rundir import (
+from msr.core.models import parse_arch
+from msr.core.variants import VARIANTS, Variant, build, get_spec
+from msr.training.probes import Prober, grad_norm
+from msr.training.rundir import (
     CHECKPOINT,
     CONFIG,
     METRIC_COLUMNS,
@@ -61,7 +62,6 @@ from msr.rundir import (
     read_probes,
     span,
 )
-from msr.variants import VARIANTS, Variant, build, get_spec
 
 # Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
 # the first min(N, 1000) training images in their stored order - eval mode, no augmentation,
@@ -324,7 +324,7 @@ class Run:
         return rec
 
     def save_checkpoint(self) -> None:
-        msr_io.torch_save(
+        atomic.torch_save(
             self.out / "checkpoint.pt",
             {
                 "epoch": self.epoch,
@@ -394,8 +394,8 @@ class Run:
         return True
 
     def write_progress(self) -> None:
-        msr_io.write_text(self.out / "metrics.csv", _csv_text(METRIC_COLUMNS, [_metrics_row(m) for m in self.metrics]))
-        msr_io.write_text(self.out / "probes.csv", _csv_text(PROBE_COLUMNS, self.probes))
+        atomic.write_text(self.out / "metrics.csv", _csv_text(METRIC_COLUMNS, [_metrics_row(m) for m in self.metrics]))
+        atomic.write_text(self.out / "probes.csv", _csv_text(PROBE_COLUMNS, self.probes))
 
     def summary(self, status: str, diverged_at_step: int | None) -> dict[str, Any]:
         last = self.metrics[-1] if self.metrics else None
@@ -513,7 +513,7 @@ def train(cfg: RunConfig, out: str | Path, *, log=print, progress: bool | None =
         if (out / SUMMARY).exists():  # finished by the previous holder just now
             return _already_complete(cfg, out, log)
         return _train_locked(cfg, out, log=log, progress=progress, stop_after_epoch=stop_after_epoch)
-    except msr_io.NoSpaceError as err:
+    except atomic.NoSpaceError as err:
         raise RunDirError(str(err)) from None
     finally:
         lock.release()
@@ -529,7 +529,7 @@ def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop
     record = run.config_record()
     _check_existing(out, record, log)
     resumed = run.try_resume()  # checks the files first: a refused directory is left as it was
-    msr_io.write_json(out / CONFIG, record)
+    atomic.write_json(out / CONFIG, record)
     if resumed:
         log(f"{out}: resuming after epoch {run.epoch} (step {run.step})")
     else:
@@ -628,7 +628,7 @@ def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop
     run.wall_seconds = time.perf_counter() - wall_start
     run.write_progress()
     summary = run.summary(status, diverged_at)
-    msr_io.write_json(out / SUMMARY, summary)
+    atomic.write_json(out / SUMMARY, summary)
     log(
         f"{out}: {status}; final test acc {summary['final_test_acc']:.4f} after {run.epoch} epochs"
         + (f" (diverged at step {diverged_at})" if diverged_at else "")

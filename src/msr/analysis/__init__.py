@@ -1,0 +1,1 @@
+"""From run directories to the published set: aggregate, claims (T3), figure helpers, manifest, verify. Torch-free at import."""

@@ -1,0 +1,1 @@
+"""Tools around training: the benchmark, the fork server, GPU slot claims."""
