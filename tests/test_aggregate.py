@@ -13,7 +13,8 @@ import pytest
 
 from msr.analysis import aggregate as agg
 from msr.analysis import figures, manifest
-from msr.training.rundir import METRIC_COLUMNS
+from msr.cli import main as msr_main
+from msr.training.rundir import METRIC_COLUMNS, RunDirError
 
 SPEC_FIELDS = {"name": "msr", "description": "nf + ZMI + ZMG", "claim": "2, 3", "norm": "none",
                "affine": True, "init": "zmi", "grad": "project", "granularity": "channel", "lam": 1.0,
@@ -151,12 +152,12 @@ def test_curves_stack_metrics_with_run_keys(runs_root):
 
 def test_cli_writes_tables_and_accepts_explicit_runs(runs_root, tmp_path):
     out = tmp_path / "tables"
-    assert agg.main(["--runs", str(runs_root), "--out", str(out)]) == 0
+    assert msr_main(["aggregate", "--runs", str(runs_root), "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"runs.csv", "summary.csv", "curves.csv"}
     assert len(pd.read_csv(out / "runs.csv")) == 9
     # explicit summary.json paths (what the Snakemake rule passes): only those runs
     picked = sorted(runs_root.glob("digits/resnet20/msr/base/seed*/summary.json"))
-    assert agg.main(["--runs", str(runs_root), "--out", str(out), *map(str, picked)]) == 0
+    assert msr_main(["aggregate", "--runs", str(runs_root), "--out", str(out), *map(str, picked)]) == 0
     runs = pd.read_csv(out / "runs.csv")
     assert list(runs["run_id"]) == [f"digits/resnet20/msr/base/seed{s}" for s in range(3)]
 
@@ -164,7 +165,7 @@ def test_cli_writes_tables_and_accepts_explicit_runs(runs_root, tmp_path):
 def test_cli_refuses_an_incomplete_run(runs_root, tmp_path, capsys):
     broken = runs_root / "digits/resnet20/msr/base/seed0"
     (broken / "summary.json").unlink()
-    assert agg.main(["--runs", str(runs_root), "--out", str(tmp_path / "t"), str(broken)]) == 2
+    assert msr_main(["aggregate", "--runs", str(runs_root), "--out", str(tmp_path / "t"), str(broken)]) == 2
     assert "summary.json" in capsys.readouterr().err
 
 
@@ -176,7 +177,7 @@ def test_sweep_of_tag():
 def test_variant_order_and_colours_follow_the_registry():
     from msr.core.variants import VARIANTS
 
-    assert list(VARIANTS)[: len(figures.VARIANT_ORDER)] == list(figures.VARIANT_ORDER)
+    assert list(VARIANTS) == list(figures.VARIANT_ORDER)
     assert len({figures.variant_color(v) for v in figures.VARIANT_ORDER}) == len(figures.VARIANT_ORDER)
     assert figures.variant_color("some_new_variant") == figures.variant_color("some_new_variant")
     assert figures.ordered_variants(["zz", "msr", "bn"]) == ["bn", "msr", "zz"]
@@ -264,7 +265,7 @@ def _truncate(path: Path) -> None:
 def test_a_damaged_listed_run_stops_aggregation_naming_run_and_file(runs_root, tmp_path, capsys, name, damage, reason):
     run = runs_root / "digits/resnet20/bn/base/seed2"  # a diverged run: still never dropped
     damage(run / name)
-    assert agg.main(["--runs", str(runs_root), "--out", str(tmp_path / "tables")]) == 2
+    assert msr_main(["aggregate", "--runs", str(runs_root), "--out", str(tmp_path / "tables")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"msr aggregate: error: {run / name}: {reason}"), err
     assert "digits/resnet20/bn/base/seed2" in err and "delete" in err
@@ -275,7 +276,7 @@ def test_a_completed_run_whose_files_disagree_is_refused(runs_root):
     run = runs_root / "digits/resnet20/msr/base/seed1"
     metrics = pd.read_csv(run / "metrics.csv")
     metrics.iloc[:-1].to_csv(run / "metrics.csv", index=False)  # the last epoch's row is gone
-    with pytest.raises(agg.RunDirError, match="holds epochs 1..2, but summary.json says 3"):
+    with pytest.raises(RunDirError, match="holds epochs 1..2, but summary.json says 3"):
         agg.load_runs([run], runs_root)
 
 
@@ -283,10 +284,10 @@ def test_curves_and_probes_never_drop_a_run_silently(runs_root):
     runs = agg.load_runs(agg.find_run_dirs(runs_root), runs_root)
     run = Path(runs["run_dir"][0])
     (run / "metrics.csv").unlink()
-    with pytest.raises(agg.RunDirError, match="metrics.csv: missing"):
+    with pytest.raises(RunDirError, match="metrics.csv: missing"):
         agg.load_curves(runs)
     (run / "probes.csv").unlink()
-    with pytest.raises(agg.RunDirError, match="probes.csv: missing"):
+    with pytest.raises(RunDirError, match="probes.csv: missing"):
         agg.load_probes([run])
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from msr.cli import main as msr_main
 from msr.infra import bench
-from msr.infra.bench import main as bench_main
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ TINY = ["--arch", "resnet8", "--batch-size", "8", "--n-train", "32", "--steps", 
 # --------------------------------------------------------------------------- comparison table
 def test_table_has_a_row_for_every_method_and_says_why_one_did_not_run(tmp_path, capsys):
     out = tmp_path / "table.json"
-    assert bench_main([*TINY, "--variant", "msr_noise", "--k", "2", "--device", "cpu", "--json", str(out)]) == 0
+    assert msr_main(["bench", *TINY, "--variant", "msr_noise", "--k", "2", "--device", "cpu", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == list(bench.METHODS)  # nothing silently missing
@@ -51,7 +51,7 @@ def test_table_has_a_row_for_every_method_and_says_why_one_did_not_run(tmp_path,
 def test_table_over_several_archs_and_variants(tmp_path):
     out = tmp_path / "t.json"
     args = [*TINY, "--arch", "resnet8,resnet14", "--variant", "bn,msr", "--methods", "eager,stacked", "--k", "2", "--device", "cpu", "--json", str(out)]
-    assert bench_main(args) == 0
+    assert msr_main(["bench", *args]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["arch"], r["variant"], r["method"]) for r in rows] == [
         (a, v, m) for a in ("resnet8", "resnet14") for v in ("bn", "msr") for m in ("eager", "stacked")
@@ -65,7 +65,7 @@ def test_a_failing_method_is_reported_and_the_table_goes_on(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench, "bench_stacked", boom)
     out = tmp_path / "f.json"
-    assert bench_main([*TINY, "--variant", "bn,msr", "--methods", "stacked,eager", "--k", "2", "--device", "cpu", "--json", str(out)]) == 0
+    assert msr_main(["bench", *TINY, "--variant", "bn,msr", "--methods", "stacked,eager", "--k", "2", "--device", "cpu", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["method"], r["status"]) for r in rows] == [
         ("bn", "stacked", "failed"), ("bn", "eager", "ok"), ("msr", "stacked", "failed"), ("msr", "eager", "ok"),
@@ -76,7 +76,7 @@ def test_a_failing_method_is_reported_and_the_table_goes_on(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_compile_row_runs_on_cpu_when_asked(tmp_path):
     out = tmp_path / "c.json"
-    assert bench_main([*TINY, "--variant", "msr", "--methods", "eager,compile", "--compile-on-cpu", "--device", "cpu", "--json", str(out)]) == 0
+    assert msr_main(["bench", *TINY, "--variant", "msr", "--methods", "eager,compile", "--compile-on-cpu", "--device", "cpu", "--json", str(out)]) == 0
     compiled = json.loads(out.read_text())["rows"][1]
     assert compiled["method"] == "compile" and compiled["status"] == "ok" and compiled["ms_per_step"] > 0
     assert "compilation" in compiled["note"]
@@ -92,14 +92,14 @@ def test_compile_row_runs_on_cpu_when_asked(tmp_path):
     ],
 )
 def test_bad_requests_are_named(args, message, capsys):
-    assert bench_main(args) == 2
+    assert msr_main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- data-path report
 def test_data_path_reports_both_loops_and_shares(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = bench_main([
+    code = msr_main(["bench",
         "--data-path", "--arch", "resnet8", "--variant", "msr_noise", "--batch-size", "16", "--n-train", "64",
         "--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "0",
         "--data-root", str(tmp_path / "data"), "--out", str(out),
@@ -117,7 +117,7 @@ def test_data_path_without_noise_or_projection(tmp_path, capsys):
     out = tmp_path / "b.json"
     args = ["--data-path", "--arch", "resnet8", "--variant", "bn", "--batch-size", "8", "--n-train", "32", "--steps", "1",
             "--warmup", "0", "--repeats", "1", "--no-conventional", "--data-root", str(tmp_path / "d"), "--out", str(out)]
-    assert bench_main(args) == 0
+    assert msr_main(["bench", *args]) == 0
     r = json.loads(out.read_text())
     assert r["noise_share"] is None and "conventional_images_per_s" not in r
     assert "none in this variant" in capsys.readouterr().out
@@ -198,7 +198,7 @@ def test_table_on_cuda_fills_every_row(tmp_path):
     out = tmp_path / "cuda.json"
     args = ["--arch", "resnet8", "--variant", "msr_noise", "--batch-size", "32", "--steps", "2", "--warmup", "2", "--repeats", "1",
             "--methods", "eager,cuda_graph,processes,stacked,stacked_graph", "--k", "2", "--device", "cuda", "--json", str(out)]
-    assert bench_main(args) == 0
+    assert msr_main(["bench", *args]) == 0
     rows = json.loads(out.read_text())["rows"]
     methods = ("eager", "cuda_graph", "processes", "stacked", "stacked_graph")
     assert [(r["method"], r["status"]) for r in rows] == [(m, "ok") for m in methods]

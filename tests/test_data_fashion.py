@@ -359,7 +359,7 @@ def test_download_checks_the_official_gz_md5(
 
 
 def test_registered_with_defaults_and_source_order() -> None:
-    from msr.training.loop import RunConfig
+    from msr.training.config import RunConfig
 
     assert "fashion_mnist" in data.DATASETS
     sources = data.sources("fashion_mnist")
@@ -385,8 +385,8 @@ def test_cli_prepare_with_mirror_prints_counts_and_checksums(
         assert f"{name}: {size} bytes, content md5 {md5} verified" in err
     assert main(["datasets", "--data-root", str(root)]) == 0
     listing = capsys.readouterr().out
-    assert "fashion_mnist cached: fashion_mnist.pt" in listing
-    after = listing.split("fashion_mnist cached")[1].splitlines()[1:4]
+    assert "batch 128)\n    cached: fashion_mnist.pt\n" in listing
+    after = listing.split("cached: fashion_mnist.pt")[1].splitlines()[1:4]
     assert [line.split()[0] for line in after] == ["1.", "2.", "3."]
     assert "raw/fashion-mnist" in after[0] and "mirror" in after[1] and "download" in after[2]
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
+from msr.cli import main as msr_main
 from msr.pipeline import grid
 from msr.pipeline.grid import GridError, Run
 
@@ -86,14 +87,6 @@ def test_config_strings_from_the_command_line_are_named():
         grid.check_types({"seeds": [0], "sweeps": {"lr": {"values": ["0.1"]}}})
     grid.check_types({"seeds": [0, 1], "sweeps": {"lr": {"values": [0.1]}}})
 
-
-def test_train_sizes_are_the_datasets(tmp_path):
-    from msr import data
-
-    ds = data.load_dataset("digits", tmp_path, image_size=8)
-    assert len(ds.train_y) == grid.TRAIN_SIZES["digits"]
-    assert data.SYNTHETIC_DEFAULTS["n_train"] == grid.TRAIN_SIZES["synthetic"]
-    assert set(data.DATASETS) <= set(grid.TRAIN_SIZES)
 
 
 def test_grid_reuses_sweep_points_of_the_main_grid_and_scales_lr():
@@ -204,7 +197,7 @@ def test_reset_clears_only_a_directory_of_other_options(tmp_path):
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "config.json").write_text('{"epochs": ')
-    assert grid.main(["reset", str(damaged), json.dumps(want)]) == 1
+    assert msr_main(["reset-run", str(damaged), json.dumps(want)]) == 1
     with pytest.raises(GridError, match=rf"{damaged}/config.json is not valid JSON .*delete the run directory"):
         grid.reset(damaged, want)
     assert (damaged / "config.json").exists()

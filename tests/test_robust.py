@@ -25,7 +25,9 @@ from msr.analysis import aggregate as agg
 from msr.cli import main as msr_main
 from msr.core.method import slice_means
 from msr.core.variants import Variant, build
-from msr.training.loop import CLEAN_TRAIN_IMAGES, ConfigError, RunConfig, train
+from msr.training.config import ConfigError, RunConfig
+from msr.training.loop import train
+from msr.training.run import CLEAN_TRAIN_IMAGES
 from msr.training.rundir import METRIC_COLUMNS, RunDirError, RunLock, read_metrics, read_probes
 
 
@@ -255,7 +257,7 @@ def test_damaged_completed_run_gives_no_table_with_one_seeds_mean_labelled_n2(ro
     summary = json.loads((dirs[1] / "summary.json").read_text())
     (dirs[1] / "summary.json").write_text(json.dumps({**summary, "final_test_acc": math.nan}))
     tables = tmp_path / "tables"
-    assert agg.main(["--runs", str(runs), "--out", str(tables)]) == 2
+    assert msr_main(["aggregate", "--runs", str(runs), "--out", str(tables)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "digits/resnet8/msr/base/seed1/" in err and "metrics.csv: missing" in err
     assert not tables.exists() or not any(tables.iterdir())
@@ -377,7 +379,7 @@ def test_cpu_bf16_autocast_keeps_zmg_on_fp32_gradients(root, tmp_path, monkeypat
         seen["params"].update(p.dtype for p in self.projected)
         real_after(self)
 
-    monkeypatch.setattr("msr.training.loop.build", build_with_probe)
+    monkeypatch.setattr("msr.training.run.build", build_with_probe)
     monkeypatch.setattr(Variant, "after_backward", after_backward)
     out = tmp_path / "bf16"
     summary = train(tiny(root, precision="bf16", device="cpu", epochs=1), out, log=quiet)

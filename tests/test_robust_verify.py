@@ -38,7 +38,7 @@ def project(tmp_path, monkeypatch) -> Path:
     figures.write_provenance(prov / "tab.json", "tab", [], ["figures/demo/tab.csv"])
     (prov / "config.json").write_text(json.dumps(CONFIG))
     monkeypatch.chdir(root)
-    assert manifest.main([
+    assert msr_main(["manifest",
         "--provenance", str(prov / "fig.json"), str(prov / "tab.json"), "--runs-table", "results/demo/tables/runs.csv",
         "--config-record", str(prov / "config.json"), "--config-sha256", manifest.config_digest(CONFIG),
         "--out", "figures/demo/MANIFEST.json"]) == 0
@@ -153,6 +153,6 @@ def test_no_manifest_is_exit_2(tmp_path, capsys):
 def test_manifest_refuses_a_config_record_that_does_not_match_the_hash(project, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(project)
     prov = project / "results/demo/provenance"
-    code = manifest.main(["--provenance", str(prov / "fig.json"), "--config-record", str(prov / "config.json"),
+    code = msr_main(["manifest", "--provenance", str(prov / "fig.json"), "--config-record", str(prov / "config.json"),
                           "--config-sha256", "0" * 64, "--out", str(tmp_path / "M.json")])
     assert code == 2 and "hashes to" in capsys.readouterr().err

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from msr.data import stratified_subset
-from msr.training.loop import ConfigError, RunConfig, train
+from msr.training.config import ConfigError, RunConfig
+from msr.training.loop import train
 
 
 def test_subset_has_the_size_and_class_shares_asked_for():

@@ -9,7 +9,9 @@ import torch
 from msr.cli import main as msr_main
 from msr.core.method import slice_means
 from msr.core.variants import build
-from msr.training.loop import METRIC_COLUMNS, PROBE_COLUMNS, ConfigError, RunConfig, train
+from msr.training.config import ConfigError, RunConfig
+from msr.training.loop import train
+from msr.training.rundir import METRIC_COLUMNS, PROBE_COLUMNS
 
 FILES = ["config.json", "metrics.csv", "probes.csv", "summary.json", "checkpoint.pt"]
 

@@ -311,22 +311,6 @@ def test_list_from_the_command_line_is_named_not_a_type_error(workdir):
     assert "config seeds=['0', '1']: the items are strings" in out and "--configfile" in out, out
 
 
-def test_schema_enums_match_the_library():
-    from msr.core.variants import VARIANTS
-    from msr.data import DATASETS
-
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
-    assert schema["$defs"]["variant"]["enum"] == list(VARIANTS)
-    assert schema["$defs"]["dataset"]["enum"] == list(DATASETS)
-
-
-def test_cifar_folders_match_the_library():
-    from msr import data
-
-    text = (REPO / "workflow/rules/common.smk").read_text()
-    for name in ("cifar10", "cifar100"):
-        assert f'"{name}": "{data._cifar_source(name).folder}"' in text
-
 
 def test_every_notebook_has_a_rule_and_a_caption():
     text = (REPO / "workflow/rules/common.smk").read_text()

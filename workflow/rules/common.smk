@@ -17,6 +17,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 try:
+    from msr import catalog
     from msr.pipeline import grid
     from msr.data import cache_path as _msr_cache_path
     from msr.core.models import parse_arch as _msr_parse_arch
@@ -47,7 +48,7 @@ try:
 except grid.GridError as err:
     raise _config_error(err)
 
-# Rules call the `msr` console script (and `python -m msr.pipeline.grid`): make the ones next to
+# Rules call the `msr` console script: make the ones next to
 # this Python interpreter win, so `.venv/bin/snakemake` works without activating the venv (also
 # inside cluster jobs, which re-read this file).
 os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
@@ -69,7 +70,7 @@ TABLES = {
 MANIFEST = f"{FIGURES_DIR}/MANIFEST.json"
 DATA_ROOT = config["train"]["data_root"]
 # msr.data downloads CIFAR into <data_root>/raw/<folder> (the folder inside the official archive)
-CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+CIFAR_FOLDERS = {name: facts.raw_folder for name, facts in catalog.DATASETS.items() if facts.raw_folder}
 
 
 def check_archs(archs, where):

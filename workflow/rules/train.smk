@@ -4,7 +4,7 @@
 #
 # A rerun of the same run (a killed or failed job) resumes from checkpoint.pt. A rerun because
 # the run's options changed (Snakemake's params trigger, e.g. more epochs, or check_runs in
-# analysis.smk) must start over: `msr.pipeline.grid reset` clears the directory when its
+# analysis.smk) must start over: `msr reset-run` (msr.pipeline.grid.reset) clears the directory when its
 # config.json records other options than the config gives (msr itself refuses to mix two
 # configs in one directory).
 #
@@ -44,5 +44,5 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "python -m msr.pipeline.grid reset {params.out} {params.expected:q} > {log} 2>&1 && "
+        "msr reset-run {params.out} {params.expected:q} > {log} 2>&1 && "
         "msr train {params.args} --threads {threads} --gpu-slots {resources.runs_per_gpu} --out {params.out} >> {log} 2>&1"

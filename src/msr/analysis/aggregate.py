@@ -29,11 +29,9 @@ runs a figure needs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -45,7 +43,6 @@ from msr.training.rundir import (
     METRIC_COLUMNS,
     METRICS,
     PROBES,
-    RunDirError,
     check_complete,
     damaged,
     last_probe_step,
@@ -94,7 +91,7 @@ def depth_of_arch(arch: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _run_dir(path: Path) -> Path:
+def run_dir_of(path: Path) -> Path:
     """A run directory from itself or from its summary.json."""
     return path.parent if path.name == "summary.json" else path
 
@@ -118,7 +115,7 @@ def run_id(run_dir: Path, root: Path | None = None) -> str:
 def load_run(run_dir: Path, root: Path | None = None) -> dict:
     """One flat record of a run: config fields, spec fields (``spec_*``), summary, keys.
     A damaged or incomplete run is a RunDirError naming its file."""
-    run_dir = _run_dir(Path(run_dir))
+    run_dir = run_dir_of(Path(run_dir))
     summary = check_complete(run_dir)
     config = read_json(run_dir / "config.json")
     record: dict = {"run_id": run_id(run_dir, root), "run_dir": run_dir.as_posix()}
@@ -141,7 +138,7 @@ def load_run(run_dir: Path, root: Path | None = None) -> dict:
     record["diverged"] = summary.get("status") == "diverged"
     train_acc, test_acc = _num(summary.get("final_train_acc")), _num(summary.get("final_test_acc"))
     record["train_test_gap"] = train_acc - test_acc
-    # clean: eval mode, no augmentation (msr.training.loop.CLEAN_TRAIN_IMAGES) - comparable with test
+    # clean: eval mode, no augmentation (msr.training.run.CLEAN_TRAIN_IMAGES) - comparable with test
     record["clean_train_test_gap"] = _num(summary.get("final_clean_train_acc")) - test_acc
     return record
 
@@ -196,12 +193,12 @@ def load_probes(run_dirs: Iterable[Path | str], metrics: Sequence[str] | None = 
     truncated probes.csv is a RunDirError, never a run silently left out of a figure."""
     frames = []
     for run_dir in run_dirs:
-        path = _run_dir(Path(run_dir)) / PROBES
+        path = run_dir_of(Path(run_dir)) / PROBES
         last_probe_step(path)  # exists, has the header, ends with a whole line
         probes = pd.read_csv(path)
         if metrics is not None:
             probes = probes[probes["metric"].isin(list(metrics))]
-        probes.insert(0, "run_id", run_id(_run_dir(Path(run_dir)), root))
+        probes.insert(0, "run_id", run_id(run_dir_of(Path(run_dir)), root))
         frames.append(probes)
     if not frames:
         return pd.DataFrame(columns=["run_id", "step", "layer", "metric", "value"])
@@ -291,35 +288,3 @@ def aggregate(run_dirs: Iterable[Path], out: Path, root: Path | None = None) -> 
     _write_csv(summarize(runs), paths["summary"])
     _write_csv(load_curves(runs), paths["curves"])
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="msr aggregate",
-        description="Collect run directories into results tables (runs.csv, summary.csv, curves.csv).")
-    parser.add_argument("run_dirs", nargs="*", type=Path,
-                        help="run directories or their summary.json files; default: every complete "
-                             "run under --runs")
-    parser.add_argument("--runs", type=Path, default=Path("results/runs"),
-                        help="the runs root (run ids are paths below it) [results/runs]")
-    parser.add_argument("--out", type=Path, default=Path("results/tables"),
-                        help="output folder [results/tables]")
-    args = parser.parse_args(argv)
-    run_dirs = [_run_dir(p) for p in args.run_dirs] or find_run_dirs(args.runs)
-    missing = [d for d in run_dirs if not (d / "summary.json").exists()]
-    if missing:
-        print(f"msr aggregate: no summary.json in {', '.join(map(str, missing[:5]))}"
-              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""), file=sys.stderr)
-        return 2
-    try:
-        paths = aggregate(run_dirs, args.out, args.runs)
-    except (RunDirError, ValueError, OSError) as err:
-        print(f"msr aggregate: error: {err}", file=sys.stderr)
-        return 2
-    n_runs = len(run_dirs)
-    print(f"aggregated {n_runs} run(s) into {', '.join(str(p) for p in paths.values())}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

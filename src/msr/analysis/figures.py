@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from msr import atomic
+from msr import atomic, catalog
 from msr.analysis.aggregate import depth_of_arch
 
 # Published BatchNorm ResNet numbers on CIFAR-10 (test accuracy, %), shown as reference
@@ -94,11 +94,9 @@ def to_latex(frame: pd.DataFrame, caption: str = "", label: str = "",
     return tex.replace("±", r"$\pm$")
 
 
-# The registry's order (msr.core.variants.VARIANTS when this was written; a test checks it is still
-# a prefix of it) - fixed colours per variant across every figure. Kept here so the notebooks
-# need not import torch; variants added later sort after these, by name.
-VARIANT_ORDER = ("bn", "bn_noise", "plain", "nf", "zmi", "zmg", "msr", "msr_noise", "gc", "msr_cmrr",
-                 "msr_rs", "wn", "fixup", "skipinit", "nf_ws", "bn_preact")
+# Fixed colours per variant across every figure, in the catalog's order (msr.catalog.VARIANTS);
+# variants added later sort after these, by name.
+VARIANT_ORDER = catalog.VARIANTS
 # Families share a hue: BatchNorm references blue (bn_preact navy), MSR reds (msr_rs dark red),
 # the gradient/standardization peers greens (gc, nf_ws moss green), and claim 6's batch-free
 # peers teals (wn cyan, fixup dark teal, skipinit sea green) - every colour distinct and dark

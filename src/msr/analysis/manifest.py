@@ -14,12 +14,10 @@ No timestamps, so a rerun on the same inputs gives the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,46 +142,3 @@ def _relative(path: str | Path, cwd: str | Path) -> Path:
 
 def write_manifest(manifest: dict, out: str | Path) -> None:
     atomic.write_text(out, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="msr manifest",
-        description="Write figures/MANIFEST.json from the provenance records the notebooks left.")
-    parser.add_argument("--provenance", nargs="+", required=True, type=Path,
-                        help="provenance records (results/provenance/<name>.json)")
-    parser.add_argument("--runs-table", type=Path, default=None,
-                        help="results/tables/runs.csv, to find each run's directory")
-    parser.add_argument("--runs", type=Path, default=Path("results/runs"),
-                        help="runs root, used when --runs-table is not given [results/runs]")
-    parser.add_argument("--config-sha256", default=None, help="hash of the pipeline config")
-    parser.add_argument("--config-record", type=Path, default=None,
-                        help="the resolved pipeline config (JSON/YAML mapping), recorded so that "
-                             "`msr verify --config` can compare a config file with it; its hash "
-                             "must equal --config-sha256 if both are given")
-    parser.add_argument("--out", type=Path, default=Path("figures/MANIFEST.json"))
-    args = parser.parse_args(argv)
-    run_dirs = None
-    if args.runs_table is not None:
-        import csv
-
-        with args.runs_table.open() as f:
-            run_dirs = {row["run_id"]: row["run_dir"] for row in csv.DictReader(f)}
-    try:
-        config = None
-        if args.config_record is not None:
-            config = load_config_file(args.config_record)
-            if not isinstance(config, dict):
-                raise ValueError(f"{args.config_record}: expected a mapping of config keys")
-        manifest = build_manifest(args.provenance, args.runs, run_dirs, args.config_sha256,
-                                  out=args.out, config=config)
-        write_manifest(manifest, args.out)  # a full disk: msr.atomic.NoSpaceError, one line
-    except (OSError, KeyError, ValueError, yaml.YAMLError) as err:
-        print(f"msr manifest: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} ({len(manifest['items'])} items)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,10 +17,8 @@ not as a difference - unless asked for explicitly (``--runs``, ``--config``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -227,38 +225,3 @@ def verify(target: str | Path, *, root: str | Path | None = None, runs: str | Pa
     _check_runs(manifest, base, Path(runs) if runs is not None else None, report)
     _check_config(manifest, base, Path(config) if config is not None else None, report)
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="msr verify",
-        description="Check a figure set against its MANIFEST.json: file hashes, the runs and tables "
-                    "it was made from, the config. Prints OK or what differs; exit 0 / 1.")
-    parser.add_argument("set", type=Path, help="the set's folder (figures/<set>) or its MANIFEST.json")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="a config file to compare with the config the set was made with "
-                             "[default: workflow/config/*.yaml with the set's name, if any]")
-    parser.add_argument("--runs", type=Path, default=None,
-                        help="the runs root, if the run directories are not where the manifest says")
-    parser.add_argument("--root", type=Path, default=None,
-                        help="the project root [default: derived from the manifest's set_dir]")
-    args = parser.parse_args(argv)
-    try:
-        report = verify(args.set, root=args.root, runs=args.runs, config=args.config)
-    except ValueError as err:
-        print(f"msr verify: error: {err}", file=sys.stderr)
-        return 2
-    checked = ", ".join(report.checked)
-    if report.differences:
-        print(f"{args.set}: {len(report.differences)} difference(s) from its manifest (checked {checked})")
-        for line in report.differences:
-            print(f"  {line}")
-    else:
-        print(f"{args.set}: OK ({checked} match the manifest)")
-    for line in report.notes:
-        print(f"  note: {line}")
-    return 1 if report.differences else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

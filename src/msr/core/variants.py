@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from msr import catalog
 from msr.core.method import (
     GRANULARITIES,
     NOISE_DISTS,
@@ -57,7 +58,7 @@ class VariantSpec:
 
     name: str
     description: str
-    claim: str
+    claim: str = ""  # the claim of docs/method.md it tests: msr.catalog.VARIANT_CLAIMS, filled in below
     norm: str = "none"  # "bn": BatchNorm after every conv; "none": normalizer-free
     affine: bool = True  # normalizer-free affine scheme: residual gains, biases on stem+fc only
     init: str = "unit_xavier"
@@ -87,6 +88,9 @@ class VariantSpec:
     agc: float = 0.0  # adaptive gradient clipping factor lambda (NFNets); 0 = off
 
     def __post_init__(self) -> None:
+        if not self.claim:  # the catalog is the one home of the claim labels
+            object.__setattr__(self, "claim", catalog.VARIANT_CLAIMS.get(self.name, ""))
+
         def one_of(field: str, valid: tuple) -> None:
             value = getattr(self, field)
             if value not in valid:
@@ -156,26 +160,26 @@ _BN = dict(norm="bn", affine=False, init="kaiming", lr=0.1, other_lr=0.1, weight
 VARIANTS: dict[str, VariantSpec] = {
     spec.name: spec
     for spec in [
-        VariantSpec("bn", "BatchNorm baseline (He et al. 2016 recipe)", "reference", **_BN),
-        VariantSpec("bn_noise", "bn + block-input noise", "4", noise_delta=0.1, **_BN),
+        VariantSpec("bn", "BatchNorm baseline (He et al. 2016 recipe)", **_BN),
+        VariantSpec("bn_noise", "bn + block-input noise", noise_delta=0.1, **_BN),
         VariantSpec(
-            "plain", "no normalization, Kaiming init, biases, L2 decay", "1",
+            "plain", "no normalization, Kaiming init, biases, L2 decay",
             norm="none", affine=False, init="kaiming", lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0,
         ),
-        VariantSpec("nf", "affine scheme + unity decay, unit-norm Xavier init; no ZMI/ZMG", "control", **_NF),
-        VariantSpec("zmi", "nf + zero-mean init (init only)", "2", **{**_NF, "init": "zmi"}),
-        VariantSpec("zmg", "nf + zero-mean gradient projection (projection only)", "2", grad="project", **_NF),
-        VariantSpec("msr", "nf + ZMI + ZMG", "2, 3", grad="project", **{**_NF, "init": "zmi"}),
-        VariantSpec("msr_noise", "msr + block-input noise: the full method", "4, 5", grad="project", noise_delta=0.1, **{**_NF, "init": "zmi"}),
-        VariantSpec("gc", "nf + filter-granularity projection (Gradient Centralization)", "peer", grad="project", granularity="filter", **_NF),
+        VariantSpec("nf", "affine scheme + unity decay, unit-norm Xavier init; no ZMI/ZMG", **_NF),
+        VariantSpec("zmi", "nf + zero-mean init (init only)", **{**_NF, "init": "zmi"}),
+        VariantSpec("zmg", "nf + zero-mean gradient projection (projection only)", grad="project", **_NF),
+        VariantSpec("msr", "nf + ZMI + ZMG", grad="project", **{**_NF, "init": "zmi"}),
+        VariantSpec("msr_noise", "msr + block-input noise: the full method", grad="project", noise_delta=0.1, **{**_NF, "init": "zmi"}),
+        VariantSpec("gc", "nf + filter-granularity projection (Gradient Centralization)", grad="project", granularity="filter", **_NF),
         VariantSpec(
-            "msr_cmrr", "msr with the authors' shipped cmrr(0.9) update, stem not projected", "fidelity",
+            "msr_cmrr", "msr with the authors' shipped cmrr(0.9) update, stem not projected",
             grad="cmrr", cmrr_m=0.9, scope="residual_only", **{**_NF, "init": "zmi"},
         ),
         # the authors' code leaves the stem unprojected; docs/method.md, "The stem and colour"
         VariantSpec(
-            "msr_rs", "msr with the stem not projected (scope residual_only)", "stem",
+            "msr_rs", "msr with the stem not projected (scope residual_only)",
             grad="project", scope="residual_only", **{**_NF, "init": "zmi"},
         ),
         # --- peers (docs/method.md, "Peers"). Each keeps the harness's data, schedule and protocol.
@@ -184,7 +188,7 @@ VARIANTS: dict[str, VariantSpec] = {
         # g = sqrt(gain fan_in/fan_out); SGD lr 0.1; L2 1e-4 on v only, none on g and biases
         # (Arpit et al. 2019; no warm-up: the harness's schedule)
         VariantSpec(
-            "wn", "weight normalization (every conv + classifier), Arpit et al. init, no batch statistics", "6",
+            "wn", "weight normalization (every conv + classifier), Arpit et al. init, no batch statistics",
             norm="none", affine=False, init="arpit", weight_norm=True, lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.1, scalar_decay=False,
         ),
@@ -192,14 +196,14 @@ VARIANTS: dict[str, VariantSpec] = {
         # at lr/10, weight decay 1e-4 on everything; mixup OFF here although the official
         # trainer's default turns it on (--alpha 1.0): the harness has no mixup for any variant
         VariantSpec(
-            "fixup", "Fixup: scalar biases + branch multipliers, L^-1/2 / zero init, scalars at lr/10; no mixup", "6",
+            "fixup", "Fixup: scalar biases + branch multipliers, L^-1/2 / zero init, scalars at lr/10; no mixup",
             norm="none", affine=False, init="fixup", block="fixup", lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.01, scalar_decay=True,
         ),
         # SkipInit (De & Smith 2020): one scalar per branch, init 0; the rest as `plain`
         # (Kaiming, biases, L2 1e-4 on all, lr 0.1); the gate trains with the biases and fc
         VariantSpec(
-            "skipinit", "SkipInit: zero-initialized scalar per residual branch; otherwise plain", "6",
+            "skipinit", "SkipInit: zero-initialized scalar per residual branch; otherwise plain",
             norm="none", affine=False, init="kaiming", block="skipinit", lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0,
         ),
@@ -207,13 +211,13 @@ VARIANTS: dict[str, VariantSpec] = {
         # pre-activation, alpha 0.2, skip gain 0, SGD lr 0.1, wd 1e-4 on weights, none on gains
         # and biases; no stochastic depth or dropout (regularization parity with the other variants)
         VariantSpec(
-            "nf_ws", "normalizer-free pre-activation ResNet with Scaled Weight Standardization", "peer",
+            "nf_ws", "normalizer-free pre-activation ResNet with Scaled Weight Standardization",
             norm="none", affine=False, init="nf", block="preact", lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.1, scalar_decay=False,
         ),
         # He et al. 2016b pre-activation with BatchNorm, the reference recipe: the control that
         # keeps nf_ws's block form (docs/method.md, "Peers")
-        VariantSpec("bn_preact", "pre-activation ResNet with BatchNorm (control for nf_ws's block form)", "reference", block="preact", **_BN),
+        VariantSpec("bn_preact", "pre-activation ResNet with BatchNorm (control for nf_ws's block form)", block="preact", **_BN),
     ]
 }
 

@@ -66,9 +66,6 @@ _REGISTRY: dict[str, DatasetSpec] = {
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
 
-# workflow/rules/common.smk's CIFAR folder names are checked against this by the workflow tests.
-_cifar_source = cifar.source
-
 
 def _spec(name: str) -> DatasetSpec:
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from msr import catalog
 from msr.data import fetch, synthetic
 from msr.data.base import DatasetError, DatasetSpec, InputPipeline
 
@@ -35,7 +36,7 @@ CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-CIFAR_IMAGE_SIZE = 32
+CIFAR_IMAGE_SIZE = catalog.DATASETS["cifar10"].native_size
 CIFAR_CROP_PADDING = 4
 
 
@@ -58,22 +59,22 @@ def source(name: str) -> Source:
             url=CIFAR10_URL,
             md5=CIFAR10_MD5,
             archive="cifar-10-python.tar.gz",
-            folder="cifar-10-batches-py",
+            folder=catalog.DATASETS["cifar10"].raw_folder,
             train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
             test_file="test_batch",
             label_key="labels",
-            num_classes=10,
+            num_classes=catalog.DATASETS["cifar10"].num_classes,
         )
     if name == "cifar100":
         return Source(
             url=CIFAR100_URL,
             md5=CIFAR100_MD5,
             archive="cifar-100-python.tar.gz",
-            folder="cifar-100-python",
+            folder=catalog.DATASETS["cifar100"].raw_folder,
             train_files=("train",),
             test_file="test",
             label_key="fine_labels",
-            num_classes=100,
+            num_classes=catalog.DATASETS["cifar100"].num_classes,
         )
     raise ValueError(f"not a CIFAR dataset: {name!r}")
 
@@ -279,7 +280,7 @@ def write_cifar_batches(
     """
     if kind not in ("cifar10", "cifar100"):
         raise ValueError(f"kind must be 'cifar10' or 'cifar100', got {kind!r}")
-    num_classes = 10 if kind == "cifar10" else 100
+    num_classes = catalog.DATASETS[kind].num_classes
     synth = synthetic.generate(
         n_train=n_train,
         n_test=n_test,

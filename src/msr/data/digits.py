@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from msr import catalog
 from msr.data.base import DatasetSpec, InputPipeline, train_stats_pipeline
 
 # The digits split: sklearn.model_selection.train_test_split(indices, test_size=0.2,
@@ -24,8 +25,8 @@ from msr.data.base import DatasetSpec, InputPipeline, train_stats_pipeline
 # changes every digits result; they are part of the experiment's definition.
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
-DIGITS_IMAGE_SIZES: tuple[int, ...] = (8, 16, 32)
-DIGITS_DEFAULT_IMAGE_SIZE = 16
+DIGITS_IMAGE_SIZES: tuple[int, ...] = catalog.DATASETS["digits"].image_sizes
+DIGITS_DEFAULT_IMAGE_SIZE = catalog.DATASETS["digits"].image_size
 
 
 def check_size(image_size: int | None) -> int:
@@ -104,7 +105,7 @@ def build_digits(size: int) -> dict[str, Any]:
         "train_y": y[tr].contiguous(),
         "test_x": x[te].contiguous(),
         "test_y": y[te].contiguous(),
-        "num_classes": 10,
+        "num_classes": catalog.DATASETS["digits"].num_classes,
     }
 
 

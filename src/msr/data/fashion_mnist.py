@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from msr import catalog
 from msr.data import fetch, idx
 from msr.data.base import (
     DatasetError,
@@ -43,8 +44,8 @@ from msr.data.base import (
 NAME = "fashion_mnist"
 RAW_FOLDER = "fashion-mnist"
 DEFAULT_MIRROR = "/usr/share/datasets/fashion-mnist"
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
+IMAGE_SIZE = catalog.DATASETS[NAME].native_size
+NUM_CLASSES = catalog.DATASETS[NAME].num_classes
 
 # split -> (images file, labels file), names without ".gz" (as in the official distribution)
 SPLITS: dict[str, tuple[str, str]] = {

@@ -17,14 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from msr import catalog
 from msr.data.base import DatasetSpec, InputPipeline, derive_seed, train_stats_pipeline
 
+_FACTS = catalog.DATASETS["synthetic"]
 SYNTHETIC_DEFAULTS: Mapping[str, int] = {
-    "n_train": 1000,
-    "n_test": 200,
-    "channels": 3,
-    "image_size": 16,
-    "num_classes": 10,
+    "n_train": _FACTS.train_size,
+    "n_test": _FACTS.test_size,
+    "channels": _FACTS.channels,
+    "image_size": _FACTS.image_size,
+    "num_classes": _FACTS.num_classes,
     "seed": 0,
 }
 _MINIMUM = {"n_train": 1, "n_test": 0, "channels": 1, "image_size": 1, "num_classes": 2, "seed": 0}

@@ -531,7 +531,7 @@ def _worker(spec: dict) -> int:
 class _Proc:
     def __init__(self, spec: dict):
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "msr.infra.bench", "--worker", json.dumps(spec)],
+            [sys.executable, "-m", "msr", "bench", "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.lines: queue.Queue = queue.Queue()
@@ -676,45 +676,15 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="msr bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20", help="comma-separated, e.g. resnet20,resnet56,resnet110 (--data-path: one)")
-    p.add_argument("--variant", default=None, help=f"comma-separated (default bn,msr_noise; --data-path: one, default msr_noise); of {', '.join(VARIANTS)}")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
-    p.add_argument("--k", type=int, default=None, help="models for 'processes' and 'stacked*' (default 4; on a CPU at most its cores)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--steps", type=int, default=20, help="steps per timed window")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
-    p.add_argument("--n-train", type=int, default=5000, help="synthetic training images (per model)")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--compile-on-cpu", action="store_true", help="run the 'compile' row on a CPU too (20-40 s per model)")
-    p.add_argument("--stacked-noise", default="per_model", choices=["per_model", "shared"], help="noise RNG of the stacked models (msr.training.stacked)")
-    p.add_argument("--worker-timeout", type=float, default=600.0, help="seconds the K processes may take in all")
-    p.add_argument("--json", "--out", dest="json", help="also write the result as JSON here")
-    g = p.add_argument_group("data-path report (--data-path)")
-    g.add_argument("--data-path", action="store_true", help="the data-path report instead of the table")
-    g.add_argument("--dataset", default="synthetic", help="synthetic (CIFAR-shaped, default), digits, cifar10, cifar100")
-    g.add_argument("--image-size", type=int, default=None)
-    g.add_argument("--data-root", default="data")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional loop")
-    g.add_argument("--no-conventional", action="store_true")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one of the K processes
-    args = p.parse_args(argv)
+def run(args) -> int:
+    """``msr bench`` (msr.cli.tools parses its options): check them, then print the table or
+    the data-path report. Bad options are one line on stderr and exit status 2."""
     if args.worker:
         return _worker(json.loads(args.worker))
     args.channels_last = not args.no_channels_last
     try:
-        archs = _split(args.arch)
-        variants = _split(args.variant or ("msr_noise" if args.data_path else "bn,msr_noise"))
-        methods = _split(args.methods)
+        archs, methods = list(args.arch), list(args.methods)
+        variants = list(args.variant or (["msr_noise"] if args.data_path else ["bn", "msr_noise"]))
         for a in archs:
             parse_arch(a)
         for v in variants:
@@ -754,6 +724,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

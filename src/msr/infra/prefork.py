@@ -27,7 +27,6 @@ job too, so a run directory never has a writer its Snakemake job no longer knows
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import select
@@ -38,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ENV = "MSR_PREFORK_SOCKET"
@@ -110,12 +110,15 @@ def _open_fd(fd: int) -> int:
 
 
 # --------------------------------------------------------------------------- server side
-def serve(path: str) -> None:
-    """Import what a run needs, then fork a handler per client until the parent goes away."""
+def serve(path: str, job: Callable[[list[str]], int]) -> None:
+    """Import what a run needs, then fork a handler per client until the parent goes away.
+
+    ``job`` runs one request's argv in the forked process and returns its exit code: the
+    ``msr`` entry point itself (msr.cli.main), handed in by the command that starts the server,
+    so this module never imports the command line above it."""
     import random  # noqa: F401 - reseeded in each job below
 
-    import msr.cli  # noqa: F401 - the expensive imports, paid once: torch, msr.training.loop, ...
-    import msr.training.loop  # noqa: F401
+    import msr.training.loop  # noqa: F401 - the expensive imports, paid once: torch, the model, the data
 
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -139,7 +142,7 @@ def serve(path: str) -> None:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 try:
-                    _handle(conn)
+                    _handle(conn, job)
                 finally:
                     os._exit(0)
             conn.close()
@@ -158,7 +161,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-def _handle(conn: socket.socket) -> None:
+def _handle(conn: socket.socket, job: Callable[[list[str]], int]) -> None:
     conn.settimeout(None)
     header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
     if len(header) < _HEADER.size or len(fds) != 3:
@@ -167,7 +170,7 @@ def _handle(conn: socket.socket) -> None:
     pid = os.fork()
     if pid == 0:
         conn.close()
-        _run_job(request, fds)  # never returns
+        _run_job(request, fds, job)  # never returns
     for fd in fds:
         os.close(fd)
     pidfd = os.pidfd_open(pid)
@@ -193,7 +196,7 @@ def _handle(conn: socket.socket) -> None:
                 deadline = time.monotonic() + 3600
 
 
-def _run_job(request: dict, fds: list[int]) -> None:
+def _run_job(request: dict, fds: list[int], job: Callable[[list[str]], int]) -> None:
     """In the forked job: become the client's process, run ``msr <argv>``, exit with its code."""
     code = 1
     try:
@@ -214,9 +217,7 @@ def _run_job(request: dict, fds: list[int]) -> None:
         random.seed()
         np.random.seed()
         sys.argv = ["msr", *request["argv"]]
-        from msr.cli import main
-
-        code = main(request["argv"])
+        code = job(request["argv"])
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except KeyboardInterrupt:
@@ -240,7 +241,7 @@ def run_with_server(command: list[str], socket_dir: str | None = None) -> int:
     """Start a server, run ``command`` with ``MSR_PREFORK_SOCKET`` set, stop the server."""
     with tempfile.TemporaryDirectory(prefix="msr-prefork-", dir=socket_dir) as folder:
         path = os.path.join(folder, "server.sock")
-        server = subprocess.Popen([sys.executable, "-m", "msr.infra.prefork", "--serve", path])
+        server = subprocess.Popen([sys.executable, "-m", "msr", "prefork", "--serve", path])
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while not os.path.exists(path):
@@ -271,27 +272,3 @@ def run_with_server(command: list[str], socket_dir: str | None = None) -> int:
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="msr prefork",
-        description="Run COMMAND with a fork server that starts every `msr train` inside it "
-                    "without re-importing torch (about 2.7 s of CPU saved per run).",
-        usage="msr prefork [--socket-dir DIR] -- COMMAND [ARG ...]",
-    )
-    parser.add_argument("--socket-dir", help="where the server's socket lives (default: the system temp dir)")
-    parser.add_argument("--serve", metavar="PATH", help=argparse.SUPPRESS)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.serve:
-        serve(args.serve)
-        return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("no COMMAND given (e.g. msr prefork -- snakemake --cores all)")
-    return run_with_server(command, args.socket_dir)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

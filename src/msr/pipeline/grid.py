@@ -16,32 +16,21 @@ the start of every train job), the *recorded* options of each run directory (its
 config edit is noticed even when Snakemake's own metadata (``.snakemake/``) is gone or only
 modification times are compared (``--rerun-triggers mtime``).
 
-Nothing here imports torch at module level: ``python -m msr.pipeline.grid reset`` runs before every
+Nothing here imports torch at module level: ``msr reset-run`` runs before every
 train job and must stay cheap.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Training-set sizes (images), for the batch-size check. msr.data builds these sets but does
-# not expose their sizes without loading them; tests/test_workflow.py checks the digits and
-# synthetic entries against the loaded data.
-TRAIN_SIZES: dict[str, int] = {
-    "digits": 1437,  # sklearn digits, stratified 80/20 split (msr.data.digits)
-    "fashion_mnist": 60_000,
-    "cifar10": 50_000,
-    "cifar100": 50_000,
-    "synthetic": 1_000,  # msr.data.SYNTHETIC_DEFAULTS["n_train"]
-}
+from msr import catalog
 
 SWEEP_TAGS = {"lr": "lr", "batch_size": "bs", "noise_delta": "d"}
 
@@ -128,11 +117,12 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
     def check_batch(key: str, batch: int, datasets: Sequence[str]) -> None:
         for dataset in datasets:
-            n = min(TRAIN_SIZES[dataset], subset or math.inf) if dataset in TRAIN_SIZES else None
-            if n is not None and batch > n:
+            full = catalog.dataset(dataset).train_size
+            n = min(full, subset or math.inf)
+            if batch > n:
                 raise GridError(
                     f"config {key}: batch size {batch} is larger than the training set of {dataset} "
-                    f"({n} images{', train.train_subset' if subset and subset < TRAIN_SIZES[dataset] else ''})"
+                    f"({n} images{', train.train_subset' if subset and subset < full else ''})"
                 )
 
     check_batch("train.batch_size", train["batch_size"], cfg["datasets"])
@@ -345,24 +335,3 @@ def reset(run_dir: str | Path, expected: Mapping[str, Any], log=print) -> bool:
         log(f"{run_dir}: options changed ({', '.join(diff)}); starting this run over")
         shutil.rmtree(run_dir)
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msr.pipeline.grid", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("reset", help="clear a run directory trained with other options (before a train job)")
-    p.add_argument("run_dir")
-    p.add_argument("expected", help="the options as JSON (expected_record)")
-    args = parser.parse_args(argv)
-    from msr.training.rundir import RunDirError
-
-    try:
-        reset(args.run_dir, json.loads(args.expected))
-    except (GridError, RunDirError, OSError) as err:
-        print(f"msr.pipeline.grid reset: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The ``msr`` command: one parser with every subcommand.
+
+    msr train | variants                      msr.cli.training
+    msr prepare | download | datasets         msr.cli.data
+    msr aggregate | manifest | verify         msr.cli.analysis
+    msr bench | prefork | reset-run           msr.cli.tools
+
+Building the parser imports no torch (names come from msr.catalog); a command imports what it
+needs when it runs. Bad input ends with one line naming the problem and exit status 2 - no
+traceback, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from msr import __version__
+from msr.cli import analysis, data, tools, training
+
+GROUPS = (training, data, analysis, tools)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msr", description="Mean Shift Rejection replication toolkit")
+    parser.add_argument("--version", action="version", version=f"msr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in GROUPS:
+        group.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from msr.infra import prefork  # no torch: handing the run to a fork server skips its import
+
+        if os.environ.get(prefork.ENV):
+            code = prefork.delegate(argv)
+            if code is not None:
+                return code
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    args.entry = main  # the fork server (msr prefork --serve) runs each job through this same entry
+    return args.func(args)

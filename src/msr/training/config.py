@@ -1,0 +1,138 @@
+"""The config of one run: every option, its default, and the checks that name a bad one.
+
+``None`` means "the variant's or the dataset's default" (msr.catalog holds the dataset defaults;
+the variant registry the variants'). :meth:`RunConfig.validate` fills them in and checks every
+field before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from msr import catalog
+from msr.core.models import parse_arch
+from msr.core.variants import VARIANTS, get_spec
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the key and the valid choices."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. ``None`` means "the variant's / dataset's default"."""
+
+    dataset: str = "digits"
+    arch: str = "resnet20"
+    variant: str = "msr"
+    epochs: int | None = None  # None: the dataset's default (msr.catalog)
+    seed: int = 0
+    lr: float | None = None  # base (conv-group) lr; other groups keep their ratio
+    batch_size: int | None = None  # None: the dataset's default
+    noise_delta: float | None = None  # shortcut for overrides["noise_delta"]
+    overrides: dict[str, Any] = field(default_factory=dict)  # any VariantSpec field
+    data_root: str = "data"
+    image_size: int | None = None  # digits: 8/16/32 (default 16); CIFAR: native 32
+    # train on a fixed class-stratified subset of this many training images (None: all); the
+    # same subset for every run and seed (msr.data.stratified_subset); the test set stays whole
+    train_subset: int | None = None
+    momentum: float = 0.9
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where lr *= gamma
+    gamma: float = 0.1
+    device: str = "auto"
+    threads: int | None = None  # torch intra-op threads; default: the cores this process may use
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False
+    probe_every: int = 50  # steps between probes (also at step 0 and every epoch end)
+    probe_batch: int = 256
+    eval_batch_size: int = 1000
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+        values = dict(values)
+        if "milestones" in values and values["milestones"] is not None:
+            values["milestones"] = tuple(values["milestones"])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check every field before anything is written; errors name the key.
+
+        Also fills the dataset-dependent defaults (epochs, batch size) left as ``None``.
+        """
+
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {what}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(self.dataset in catalog.DATASETS, "dataset", f"valid datasets: {', '.join(catalog.DATASETS)}")
+        facts = catalog.dataset(self.dataset)
+        self.epochs = facts.epochs if self.epochs is None else self.epochs
+        self.batch_size = facts.batch_size if self.batch_size is None else self.batch_size
+        try:
+            parse_arch(self.arch)
+        except ValueError as e:
+            raise ConfigError(f"arch: {e}") from None
+        need(self.variant in VARIANTS, "variant", f"valid variants: {', '.join(VARIANTS)}")
+        need(is_int(self.epochs) and self.epochs >= 1, "epochs", "must be an integer >= 1")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
+        need(self.lr is None or (is_num(self.lr) and self.lr > 0), "lr", "must be a number > 0")
+        need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        need(self.noise_delta is None or (is_num(self.noise_delta) and 0 <= self.noise_delta <= 1), "noise_delta", "must be in [0, 1]")
+        need(isinstance(self.overrides, dict), "overrides", "must be a mapping of variant fields")
+        need(self.image_size is None or (is_int(self.image_size) and self.image_size >= 4), "image_size", "must be an integer >= 4")
+        need(self.train_subset is None or (is_int(self.train_subset) and self.train_subset >= 1),
+             "train_subset", "must be an integer >= 1 (a number of training images) or null")
+        need(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        need(all(is_num(m) and 0 < m <= 1 for m in self.milestones), "milestones", "must be fractions of the run in (0, 1]")
+        need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
+        need(self.device in DEVICES, "device", f"valid devices: {', '.join(DEVICES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA device is available (use --device auto or cpu)")
+        need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads", "must be an integer >= 1")
+        need(self.precision in PRECISIONS, "precision", f"valid: {', '.join(PRECISIONS)}")
+        need(is_int(self.probe_every) and self.probe_every >= 1, "probe_every", "must be an integer >= 1")
+        need(is_int(self.probe_batch) and self.probe_batch >= 1, "probe_batch", "must be an integer >= 1")
+        need(is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "eval_batch_size", "must be an integer >= 1")
+        try:
+            get_spec(self.variant, **self.variant_overrides())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def variant_overrides(self) -> dict[str, Any]:
+        over = dict(self.overrides)
+        if self.noise_delta is not None:
+            over["noise_delta"] = self.noise_delta
+        return over
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_threads(self) -> int:
+        return self.threads or len(os.sched_getaffinity(0))
+
+
+# --------------------------------------------------------------------------- run-directory files
