@@ -607,6 +607,12 @@ def test_mean_shift_row_is_by_construction_with_the_measurement():
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(stats.ttest_rel([0.8, 0.9], [0.1, 0.12]).confidence_interval()))
     assert (row["n_a"], row["diverged_a"]) == (2, 0)  # plain diverged later, but its init counts
     assert pd.isna(row["p"]) and pd.isna(row["p_holm"])  # a fact, not a test
+    # msr measurably more shifted than plain: the construction is broken
+    swapped = probes.assign(run_id=probes["run_id"].map(
+        lambda r: r.replace("plain", "TMP").replace("msr", "plain").replace("TMP", "msr")))
+    bug = claims.claims_table(runs, probes=swapped)
+    bug = bug[bug["comparison"].str.startswith("mean shift")].iloc[0]
+    assert bug["verdict"] == CONTRADICTED and "a bug" in bug["reason"]
 
 
 def test_chance_level_names_an_unknown_dataset():

@@ -64,7 +64,8 @@ compared variant count.
   with the step it diverges at: median and range of ``diverged_at_step``), when ``bn`` is
   stable nowhere, or when a sweep is missing. The pooled failure-rate difference (Newcombe
   interval, Fisher's p) is shown. "Mean shift at init" (``plain`` - ``msr``, deepest conv, step
-  0 probes) is a measured fact: ``by construction`` (zero-mean init guarantees it).
+  0 probes) is a measured fact: ``by construction`` (zero-mean init guarantees it; a CI
+  wholly below 0 would contradict the construction: a bug).
 - Claim 2 (``msr`` vs ``bn``, ``plain``): the highest stable point, and the widest contiguous
   run of stable points in octaves (log2 highest / lowest of the run; one point: 0). Both must
   be >= ``bn``'s and > ``plain``'s for ``supported``; either below ``bn``'s or ``plain``'s ->
@@ -1014,7 +1015,8 @@ def init_mean_shift(probes: pd.DataFrame, runs: pd.DataFrame, variant: str) -> d
 
 def judge_mean_shift(probes: pd.DataFrame | None, runs: pd.DataFrame, claim: str = "1") -> Judgement:
     """Claim 1's cause, ``plain`` - ``msr`` mean shift at init: ``by construction`` (zero-mean
-    init), the measured effect shown (paired t by seed when both have the same seeds)."""
+    init), the measured effect shown (paired t by seed when both have the same seeds); a CI
+    wholly below 0 contradicts the construction (a bug)."""
     comparison = "mean shift at init, deepest conv: plain - msr (zero-mean init)"
     fact = "zero-mean init gives every msr kernel zero mean, so msr starts without mean shift"
     if probes is None:
@@ -1031,8 +1033,13 @@ def judge_mean_shift(probes: pd.DataFrame | None, runs: pd.DataFrame, claim: str
     else:
         ci = welch_t(list(a.values()), list(b.values()))
         j = replace(j, pairing="unpaired", shares_init=False, n_test=min(len(a), len(b)))
-    return replace(j, effect=ci.effect, low=ci.low, high=ci.high, method=ci.method,
-                   detail=f"measured: plain {np.mean(list(a.values())):.3g}, msr {np.mean(list(b.values())):.3g}")
+    j = replace(j, effect=ci.effect, low=ci.low, high=ci.high, method=ci.method,
+                detail=f"measured: plain {np.mean(list(a.values())):.3g}, msr {np.mean(list(b.values())):.3g}")
+    if ci.high < 0:  # msr measurably MORE shifted than plain: the construction is broken
+        return replace(j, verdict=CONTRADICTED, expect="above",
+                       reason="the construction says msr starts without mean shift, but its measured "
+                              "mean shift at init exceeds plain's: a bug")
+    return j
 
 
 def _identity_of(entry: Mapping | None) -> dict[str, Mapping]:
