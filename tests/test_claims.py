@@ -526,6 +526,25 @@ def test_train_eval_differences_measured_on_built_models():
     assert bn_diff > 1e-3  # the control: the test can see a difference where there is one
 
 
+def test_shares_init_pairs_build_the_same_weights_from_one_seed():
+    import torch
+
+    from msr import variants
+
+    for noisy, plain in sorted(claims.SHARES_INIT):
+        states = []
+        for name in (noisy, plain):
+            torch.manual_seed(3)
+            states.append(variants.build(name, depth=8, num_classes=10, in_channels=1).model.state_dict())
+        assert states[0].keys() == states[1].keys()
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    torch.manual_seed(3)
+    other = variants.build("bn", depth=8, num_classes=10, in_channels=1).model.state_dict()
+    torch.manual_seed(3)
+    msr = variants.build("msr_noise", depth=8, num_classes=10, in_channels=1).model.state_dict()
+    assert other.keys() != msr.keys()  # msr_noise and bn: the same data order, not the same init
+
+
 # ----------------------------------------------------------------------------- the whole table
 
 
