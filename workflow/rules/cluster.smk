@@ -6,7 +6,7 @@
 #   MSR_SLURM_PARTITION      partition of every job          (unset: the cluster's default partition)
 #   MSR_SLURM_GPU_PARTITION  partition of GPU train jobs     (unset: MSR_SLURM_PARTITION)
 #   MSR_SLURM_ACCOUNT        account charged for every job   (unset: the plugin's guess, or none)
-#   MSR_SLURM_GPU_GRES       what a GPU train job asks for   (unset: gpu:1; e.g. gpu:a100:1)
+#   MSR_SLURM_GPU_GRES       what a GPU train job asks for   (unset: gpu:1; e.g. gpu:a100:1, shard:1)
 # They become the resources slurm_partition, slurm_account and gres, which Snakemake's SLURM
 # executor plugin turns into sbatch -p, -A and --gres. Other executors ignore them, so a local
 # run is unchanged.
