@@ -7,7 +7,7 @@
 #   snakemake --cores all --workflow-profile workflow/profiles/fashion-cpu  # Fashion-MNIST, 2 CPU cores
 #   snakemake --cores all --workflow-profile workflow/profiles/fashion      # Fashion-MNIST, one GPU
 #   snakemake --cores all --workflow-profile workflow/profiles/paper        # CIFAR grid, GPU
-#   snakemake --workflow-profile workflow/profiles/slurm                    # the same on a SLURM cluster
+#   snakemake --workflow-profile workflow/profiles/slurm                    # the paper grid on a SLURM cluster
 #   snakemake --report results/digits/report.html                          # HTML report with captions
 #
 # The grid comes from workflow/config/default.yaml (overlaid by a profile's configfile or
@@ -27,6 +27,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/cluster.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/analysis.smk"

@@ -38,6 +38,8 @@ rule aggregate:
     params:
         root=lambda wildcards, input: RUNS_ROOT,  # run ids are paths below it
         out=lambda wildcards, output: os.path.dirname(output.runs),
+    resources:
+        **slurm_resources(),
     conda:
         CONDA_ENV
     shell:
@@ -76,6 +78,8 @@ for _item in ANALYSES:
             # the notebook directive's path is evaluated again when the job runs, after this loop
             # has moved on: name it through a param (formatted per job), not through _item
             notebook=_item["name"],
+        resources:
+            **slurm_resources(),
         conda:
             CONDA_ENV
         notebook:
@@ -101,6 +105,8 @@ rule manifest:
         config_sha256=config_sha256(),
         config_json=config_json(),
         runs_root=lambda wildcards, input: RUNS_ROOT,
+    resources:
+        **slurm_resources(),
     conda:
         CONDA_ENV
     shell:

@@ -15,6 +15,9 @@ rule download:
         root=lambda wildcards, output: Path(output[0]).parent.parent,
     wildcard_constraints:
         folder="|".join(re.escape(f) for f in CIFAR_FOLDERS.values()),
+    # on a cluster, where compute nodes often have no internet, the download runs on the
+    # submitting host
+    localrule: True
     retries: 2
     conda:
         CONDA_ENV
@@ -38,6 +41,8 @@ rule prepare:
                 if config["train"]["data_mirror"] is not None else ""),
         # CIFAR comes from the download rule; Fashion-MNIST may still need its download
         no_download=lambda wildcards, output: "--no-download" if PREPARED[output[0]] in CIFAR_FOLDERS else "",
+    resources:
+        **slurm_resources(),
     wildcard_constraints:
         name="|".join(re.escape(Path(p).stem) for p in PREPARED),
     conda:

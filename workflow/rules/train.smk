@@ -15,7 +15,9 @@
 # assigns no GPU ids. K travels as the resource `runs_per_gpu`, not as a param: resources are no
 # rerun trigger, so changing how runs share GPUs never retrains a finished run (and a profile can
 # override it per rule with set-resources). `gpu` (GPUs per job) is declared only where the
-# config asks for it (the SLURM profile turns it into --gpus).
+# config asks for it (the SLURM plugin turns it into --gpus); otherwise a CUDA run asks a
+# scheduler for a GPU through `gres` (cluster.smk; ignored by the local executor, where runs
+# share GPUs through gpu_slots).
 
 
 rule train:
@@ -41,6 +43,7 @@ rule train:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         **({"gpu": config["resources"]["gpu"]} if config["resources"]["gpu"] > 0 else {}),
+        **slurm_resources(gpu=train_requests_gpu()),
     conda:
         CONDA_ENV
     shell:

@@ -27,7 +27,12 @@ Settings (environment)
 - ``MSR_GPU_LOCK_DIR``: the lock folder. Default: ``<system temp dir>/msr-gpu-locks-<uid>``, so
   one user's jobs coordinate with each other. Several users can share one folder if it and its
   files are writable by all of them (group-writable folder, umask 002). flock needs a local
-  filesystem (not every network filesystem honours it).
+  filesystem (not every network filesystem honours it). Inside a Slurm allocation
+  (``SLURM_JOB_ID`` set) the default is the allocation's own folder,
+  ``msr-gpu-locks-<uid>-slurm<job id>``: Slurm has already given the job its GPUs, so only the
+  runs inside one allocation share them - and where Slurm confines devices, jobs on different
+  GPUs of a node may all see theirs as id 0, so a node-wide folder would make them wait for each
+  other's slots.
 
 The lease is process-wide by nature (``CUDA_VISIBLE_DEVICES`` is process-wide), so the held file
 is kept in a module-level list for the life of the process. Its descriptor is not inherited by
@@ -89,7 +94,11 @@ _HELD: list[GpuSlot] = []
 
 
 def default_lock_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"msr-gpu-locks-{os.getuid()}"
+    name = f"msr-gpu-locks-{os.getuid()}"
+    job = os.environ.get("SLURM_JOB_ID", "").strip()
+    if job.isdigit():  # one folder per Slurm allocation (module docstring)
+        name += f"-slurm{job}"
+    return Path(tempfile.gettempdir()) / name
 
 
 def lock_dir_from_env() -> Path:
