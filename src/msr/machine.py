@@ -34,10 +34,10 @@ BITWISE_FIELDS = ("cpu_model", "cpu_flags", "torch", "cpu_capability", "onednn",
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def _cpuinfo(path: Path = CPUINFO) -> dict[str, str]:
+def _cpuinfo(path: Path | None = None) -> dict[str, str]:
     """The first processor's ``key: value`` lines of /proc/cpuinfo ({} where there is none)."""
     try:
-        text = path.read_text(errors="replace")
+        text = (path or CPUINFO).read_text(errors="replace")
     except OSError:
         return {}
     info: dict[str, str] = {}
