@@ -163,6 +163,7 @@ XEON = {**HERE, "machine": {**HERE["machine"], "cpu_model": "Intel Xeon", "cpu_f
     (_rec(), XEON, _rec(status="diverged", digest="d2"), [0.8, 0.9, 1.0], "OUTSIDE", False),
     (_rec(), XEON, _rec(0.9, digest="d2"), [0.9], "no spread", False),
     (_rec(), HERE, _rec(lr=0.2), [0.8, 0.9, 1.0], "config differs", False),
+    (_rec(), HERE, _rec(new_option=None), [0.8, 0.9, 1.0], "bitwise", True),  # an option added since
 ])
 def test_judge(published, where, reproduced, spread, kind, passed):
     v = reproduce.judge(published, where, reproduced, HERE, reproduce.Spread(spread, 0), k=1)
@@ -207,8 +208,9 @@ def test_reproduce_here_is_bitwise_and_leaves_the_set_alone(published, scratch, 
     assert report["passed"] is True and [r["match"] for r in report["runs"]] == ["bitwise", "bitwise"]
     assert before == {p: manifest.sha256_file(p) for p in (published / "results/tiny").rglob("*") if p.is_file()}
     # the scratch folder is never the set's results or its folder
-    code, out = run_cli(capsys, published / "figures/tiny", "--out", published / "results/tiny/runs")
-    assert code == 2 and "which the set owns" in out
+    for owned in (published / "results/tiny/runs", published / "figures/tiny/x", published):
+        code, out = run_cli(capsys, published / "figures/tiny", "--out", owned)
+        assert code == 2 and "which the set owns" in out
 
 
 def _chosen(published, scratch) -> str:

@@ -13,8 +13,8 @@ Provenance (version 3): where the runs were made and what they gave, so a reader
 what reproduces where and ``msr reproduce`` can retrain any run from the manifest alone:
 
 - ``runs``: per run, its config (``config.json`` less the machine keys and the variant spec,
-  which is recorded by hash), ``status``, ``final_test_acc``, ``diverged_at_step``,
-  ``results_sha256`` (``metrics.csv`` without its timing columns - the bits a rerun must
+  which is recorded by hash, without its labels ``description`` and ``claim``), ``status``,
+  ``final_test_acc``, ``diverged_at_step``, ``results_sha256`` (``metrics.csv`` without its timing columns - the bits a rerun must
   repeat; the whole-file hashes above cannot match a rerun, since seconds and images/s, like
   summary.json's timings, are measurements of the machine) and ``machine``, an index into
 - ``machines``: each distinct machine the runs were trained on (msr.machine's record: CPU
@@ -49,6 +49,9 @@ MANIFEST_VERSION = 3
 RUN_FILES = ("config.json", "summary.json", "metrics.csv")
 # config.json keys that say where a run was made, not what it is (msr.training.run.config_record)
 RUN_MACHINE_KEYS = ("versions", "device_name", "machine")
+# variant-spec fields that label a variant (for tables) and change nothing it trains: left out of
+# the spec's hash, so rewording a description does not make a published run "another config"
+SPEC_LABELS = ("description", "claim")
 # metrics.csv columns that time the machine: never equal on a rerun, so not part of a result
 TIMING_COLUMNS = ("seconds", "images_per_s")
 # the packages that draw the figures and tables (their versions decide the files' bytes)
@@ -127,7 +130,8 @@ def run_record(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     spec = config.get("variant_spec")
     record = {
         "config": {k: v for k, v in config.items() if k not in RUN_MACHINE_KEYS and k != "variant_spec"} or None,
-        "variant_spec_sha256": config_digest(spec) if isinstance(spec, dict) else None,
+        "variant_spec_sha256": config_digest({k: v for k, v in spec.items() if k not in SPEC_LABELS})
+        if isinstance(spec, dict) else None,
         "status": summary.get("status"),
         "final_test_acc": summary.get("final_test_acc"),
         "diverged_at_step": summary.get("diverged_at_step"),

@@ -133,7 +133,14 @@ def _from_run_dirs(path: Path, root: Path, manifest: dict, runs_root: Path | Non
     for rid in run_ids:
         if contained_path(rid) is None or (rid in locations and contained_path(locations[rid]) is None):
             continue
-        rdir = runs_root / rid if runs_root is not None else root / locations.get(rid, f"results/runs/{rid}")
+        if runs_root is not None:
+            rdir = runs_root / rid
+        elif rid in locations:
+            rdir = root / locations[rid]
+        else:  # the first manifests record no run directories: the pipeline's runs roots
+            name = manifest.get("name")
+            candidates = [root / "results" / name / "runs" / rid] if contained_path(name) is not None else []
+            rdir = next((c for c in candidates if c.is_dir()), root / "results/runs" / rid)
         expected = hashes.get(rid) or {}
         if not (rdir / "config.json").is_file():
             continue
@@ -249,11 +256,13 @@ def _comparable(config: dict[str, Any] | None, skip: Sequence[str]) -> dict[str,
 
 
 def config_differences(published: dict[str, Any], reproduced: dict[str, Any]) -> list[str]:
-    """The keys (and the variant spec) in which the reproduced run's resolved config is not the
-    published one, beyond the data's location and the settings (SETTINGS)."""
+    """The keys of the published run's resolved config (and its variant spec) that the
+    reproduced run does not share, beyond the data's location and the settings (SETTINGS).
+    A key only the reproduced run has is an option added since, which the published run could
+    not set: not a difference (if it changed the result, the comparison of results shows it)."""
     skip = (*LOCATION_KEYS, *SETTINGS)
     a, b = _comparable(published.get("config"), skip), _comparable(reproduced.get("config"), skip)
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    keys = sorted(k for k in a if k not in b or a[k] != b[k])
     if published.get("variant_spec_sha256") and published["variant_spec_sha256"] != reproduced.get("variant_spec_sha256"):
         keys.append("variant_spec")
     return keys
@@ -375,12 +384,18 @@ def run_values(record: dict[str, Any], *, root: Path, data_root: str | Path | No
     return values
 
 
-def _check_out(out: Path, pset: PublishedSet) -> None:
-    """The scratch folder is never the set's folder or its results."""
+def _check_out(out: Path, pset: PublishedSet, runs_root: Path | None) -> None:
+    """The scratch folder is never the set's folder, its results or a published runs root (a
+    published run there would be found complete and compared with itself)."""
     out = out.resolve()
     guarded = [pset.path.parent.resolve()]
     if contained_path(pset.name) is not None:
         guarded.append((pset.root / "results" / pset.name).resolve())
+    if runs_root is not None:
+        guarded.append(runs_root.resolve())
+    for rid, where in (pset.manifest.get("run_dirs") or {}).items():
+        if isinstance(where, str) and contained_path(where) is not None and where.endswith(rid):
+            guarded.append((pset.root / where[: -len(rid)]).resolve())
     for folder in guarded:
         if out == folder or out.is_relative_to(folder) or folder.is_relative_to(out):
             raise ReproduceError(f"--out {out}: inside (or around) {folder}, which the set owns; "
@@ -411,7 +426,7 @@ def reproduce(target: str | Path, *, k: int | None = None, seed: int = 0, only: 
             raise ReproduceError(f"--runs {k}: must be at least 1")
         chosen = sample(pset, k, seed)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"msr-reproduce-{pset.name}-"))
-    _check_out(out, pset)
+    _check_out(out, pset, Path(runs_root) if runs_root is not None else None)
     for note in pset.notes:
         log(f"note: {note}")
     made_on = pset.manifest.get("runs_made_on") or describe_machines(pset.machines)
@@ -431,7 +446,8 @@ def reproduce(target: str | Path, *, k: int | None = None, seed: int = 0, only: 
         rdir = out / rid
         try:
             train(cfg, rdir, log=log, progress=progress)
-        except (RunDirError, DatasetError, OSError) as err:
+        except (RunDirError, DatasetError, ConfigError, OSError, ValueError) as err:
+            # ConfigError: --out already holds this run id of another config
             raise ReproduceError(f"{rid}: {err}") from None
         record, where = run_record(rdir)
         verdict = judge(published, pset.where(rid), record, where, spread_of(pset, rid), len(chosen),
