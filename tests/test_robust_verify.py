@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -82,13 +84,13 @@ def test_every_difference_is_named(project, capsys):
     (project / "workflow/config/default.yaml").write_text("name: demo\ntrain:\n  epochs: 6\nseeds: [0]\nextra: 1\n")
     code, out = verify(capsys, figures)
     assert code == 1
-    lines = [line.strip() for line in out.splitlines()]
+    lines = [line.strip() for line in out.splitlines() if not line.strip().startswith("note:")]
     assert lines[0].startswith(f"{figures}: 8 difference(s) from its manifest")
     assert sorted(lines[1:]) == sorted([
         f"changed: figures/demo/fig.png (of fig): sha256 {manifest.sha256_file(figures / 'fig.png')[:12]}, "
         f"manifest {recorded[:12]}",
         "missing: figures/demo/tab.csv (of tab)",
-        "not in the manifest: stale.pdf (a file of another run of the set?)",
+        "not in the manifest: stale.pdf (a file of another run of the set, or added by hand?)",
         "changed: results/demo/tables/runs.csv (a table the figures were made from; re-aggregated since?)",
         f"run {RID}: config.json differs (retrained with other options?)",
         f"run {RID}: metrics.csv missing",
@@ -156,3 +158,95 @@ def test_manifest_refuses_a_config_record_that_does_not_match_the_hash(project, 
     code = msr_main(["manifest", "--provenance", str(prov / "fig.json"), "--config-record", str(prov / "config.json"),
                           "--config-sha256", "0" * 64, "--out", str(tmp_path / "M.json")])
     assert code == 2 and "hashes to" in capsys.readouterr().err
+
+
+# ---- finding 7: a manifest is input; the folder holds nothing it does not list; the commit exists
+
+def _edit(project: Path, change) -> None:
+    path = project / "figures/demo/MANIFEST.json"
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+
+
+def test_item_paths_that_leave_the_set_are_rejected_unread(project, capsys):
+    secret = project / "secret.txt"
+    secret.write_text("not part of the set")
+    figures = project / "figures/demo"
+    (project / "outside.png").write_bytes(b"png bytes elsewhere")
+    (figures / "link.png").symlink_to(project / "outside.png")
+    digest = manifest.sha256_file(secret)  # the right hash: a rejection, not a mismatch
+    entries = [{"path": "figures/demo/../../secret.txt", "sha256": digest},
+               {"path": str(secret), "sha256": digest},
+               {"path": "results/demo/tables/runs.csv", "sha256": manifest.sha256_file(project / "results/demo/tables/runs.csv")},
+               {"path": "figures/demo/link.png", "sha256": manifest.sha256_file(project / "outside.png")}]
+    _edit(project, lambda m: m["items"][0]["files"].extend(entries))
+    code, out = verify(capsys, figures)
+    assert code == 1
+    lines = [line.strip() for line in out.splitlines()[1:] if not line.strip().startswith("note:")]
+    assert sorted(lines) == sorted([
+        "outside the set: 'figures/demo/../../secret.txt' (of fig) - a manifest lists only files inside figures/demo/; not read",
+        f"outside the set: '{secret}' (of fig) - a manifest lists only files inside figures/demo/; not read",
+        "outside the set: 'results/demo/tables/runs.csv' (of fig) - a manifest lists only files inside figures/demo/; not read",
+        f"outside the set: figures/demo/link.png (of fig) is a link to {(project / 'outside.png').resolve()}; not read",
+    ])
+    # a set_dir, source table or run directory that climbs out of the project is refused too
+    _edit(project, lambda m: m.update(source_sha256={"../../etc/passwd": "0" * 64},
+                                      run_dirs={RID: "/etc"}))
+    code, out = verify(capsys, figures)
+    assert "outside the project: source table '../../etc/passwd'; not read" in out
+    assert f"outside the project: run '{RID}' ('/etc'); not read" in out
+    _edit(project, lambda m: m.update(set_dir="figures/../../.."))
+    code = msr_main(["verify", str(figures)])
+    assert code == 2 and "is not a folder below the project root" in capsys.readouterr().err
+
+
+def test_every_unlisted_file_of_any_type_is_reported(project, capsys):
+    figures = project / "figures/demo"
+    (figures / "README.md").write_text("notes about the set\n")  # allowed next to the manifest
+    (figures / "notes.txt").write_text("x")
+    (figures / ".hidden").write_text("x")
+    (figures / "sub").mkdir()
+    (figures / "sub/deep.json").write_text("{}")
+    (figures / "sub/README.md").write_text("only the set's own README is allowed")
+    (figures / "dirlink").symlink_to(project / "results")  # reported, never followed
+    (figures / "other").mkdir()  # another set inside: its own manifest, not this set's files
+    (figures / "other/MANIFEST.json").write_text("{}")
+    (figures / "other/x.png").write_bytes(b"x")
+    code, out = verify(capsys, figures)
+    assert code == 1
+    reported = sorted(line.strip().split(": ", 1)[1].split(" (")[0] for line in out.splitlines()
+                      if line.strip().startswith("not in the manifest"))
+    assert reported == [".hidden", "dirlink", "notes.txt", "sub/README.md", "sub/deep.json"]
+
+
+def _git(root: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_recorded_commit_must_exist_in_the_clone(project, capsys):
+    figures = project / "figures/demo"
+    # outside a clone: said to be unchecked, not a difference
+    _edit(project, lambda m: m.update(git_commit="1" * 40))
+    code, out = verify(capsys, figures)
+    assert code == 0 and f"note: git commit {'1' * 12} not checked: {project} is not a git clone" in out
+    _git(project, "init", "-q")
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "the set")
+    head = _git(project, "rev-parse", "HEAD")
+    # inside the clone: a commit that does not exist is a difference ...
+    _edit(project, lambda m: m.update(git_commit="1" * 40))
+    code, out = verify(capsys, figures)
+    assert code == 1 and f"git_commit {'1' * 12} does not exist in this clone" in out
+    # ... one that does is checked, and anything but a hash never reaches git as an option
+    _edit(project, lambda m: m.update(git_commit=head))
+    code, out = verify(capsys, figures)
+    assert code == 0, out
+    assert f"commit {head[:12]} match the manifest" in out.splitlines()[0]
+    _edit(project, lambda m: m.update(git_commit="--output=/tmp/x"))
+    code, out = verify(capsys, figures)
+    assert code == 1 and "git_commit '--output=/tmp/x' is not a commit hash" in out

@@ -9,26 +9,53 @@ directory and the sha256 of its ``config.json``, ``summary.json`` and ``metrics.
 the manifest's own folder below the project root. Paths are relative to the project root.
 No timestamps, so a rerun on the same inputs gives the same bytes.
 
+Provenance (version 3): where the runs were made and what they gave, so a reader can tell
+what reproduces where and ``msr reproduce`` can retrain any run from the manifest alone:
+
+- ``runs``: per run, its config (``config.json`` less the machine keys and the variant spec,
+  which is recorded by hash, without its labels ``description`` and ``claim``), ``status``,
+  ``final_test_acc``, ``diverged_at_step``, ``results_sha256`` (``metrics.csv`` without its timing columns - the bits a rerun must
+  repeat; the whole-file hashes above cannot match a rerun, since seconds and images/s, like
+  summary.json's timings, are measurements of the machine) and ``machine``, an index into
+- ``machines``: each distinct machine the runs were trained on (msr.machine's record: CPU
+  model, kernel ISA flags, torch, oneDNN, MKL, CUDA, cuDNN, GPU) with device, precision, threads
+  and the number of runs; runs from before the record name only ``device_name``;
+- ``runs_made_on``: that list in one sentence (one machine, or several: say which);
+- ``manifest_made_on``: the machine that wrote the manifest (in the pipeline, the one whose
+  notebooks drew the figures) with its plotting packages' versions.
+
 ``msr verify`` (msr.analysis.verify) checks a set against it.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from msr import atomic
+from msr import atomic, machine
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 # the run files whose hashes the manifest records (msr.training.rundir's names)
 RUN_FILES = ("config.json", "summary.json", "metrics.csv")
+# config.json keys that say where a run was made, not what it is (msr.training.run.config_record)
+RUN_MACHINE_KEYS = ("versions", "device_name", "machine")
+# variant-spec fields that label a variant (for tables) and change nothing it trains: left out of
+# the spec's hash, so rewording a description does not make a published run "another config"
+SPEC_LABELS = ("description", "claim")
+# metrics.csv columns that time the machine: never equal on a rerun, so not part of a result
+TIMING_COLUMNS = ("seconds", "images_per_s")
+# the packages that draw the figures and tables (their versions decide the files' bytes)
+PLOT_PACKAGES = ("matplotlib", "seaborn", "pandas", "numpy")
 
 
 def load_config_file(path: str | Path):
@@ -69,6 +96,91 @@ def git_state(cwd: str | Path = ".") -> dict:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+def results_digest(metrics: str | Path) -> str | None:
+    """sha256 of a run's ``metrics.csv`` without its :data:`TIMING_COLUMNS`: every epoch's
+    step, lr, losses and accuracies as written (17 significant digits), so equal digests mean a
+    bitwise equal run. None if the file is missing or unreadable."""
+    try:
+        with open(metrics, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not rows:
+        return None
+    keep = [i for i, name in enumerate(rows[0]) if name not in TIMING_COLUMNS]
+    text = "".join(",".join(row[i] for i in keep if i < len(row)) + "\n" for row in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_record(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's entry in the manifest's ``runs`` (without its machine index) and the machine it
+    was made on (an entry of ``machines``, without ``n_runs``). Missing or unreadable files
+    give None fields, never an error: the manifest records what is there."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json") or {}
+    summary = _read_json(run_dir / "summary.json") or {}
+    spec = config.get("variant_spec")
+    record = {
+        "config": {k: v for k, v in config.items() if k not in RUN_MACHINE_KEYS and k != "variant_spec"} or None,
+        "variant_spec_sha256": config_digest({k: v for k, v in spec.items() if k not in SPEC_LABELS})
+        if isinstance(spec, dict) else None,
+        "status": summary.get("status"),
+        "final_test_acc": summary.get("final_test_acc"),
+        "diverged_at_step": summary.get("diverged_at_step"),
+        "results_sha256": results_digest(run_dir / "metrics.csv"),
+    }
+    device = config.get("device")
+    where = {
+        "machine": config.get("machine"),  # None: a run from before msr.machine
+        "device_name": config.get("device_name"),
+        "versions": config.get("versions"),
+        "device": str(device).split(":")[0] if device else None,
+        "precision": config.get("precision"),
+        "threads": config.get("threads"),
+    }
+    return record, where
+
+
+def describe_machines(machines: Sequence[dict[str, Any]]) -> str:
+    """``machines`` in one sentence for the manifest's readers."""
+    def one(entry: dict[str, Any]) -> str:
+        what = machine.describe(entry.get("machine") or {"device_name": entry.get("device_name"),
+                                                         "torch": (entry.get("versions") or {}).get("torch")})
+        threads = entry.get("threads")
+        how = ", ".join(str(x) for x in (entry.get("device"), entry.get("precision"),
+                                         f"{threads} thread{'s' if threads != 1 else ''}" if threads else None) if x)
+        return f"{entry.get('n_runs', 0)} run(s) on {what}" + (f" [{how}]" if how else "")
+
+    if not machines:
+        return "no runs"
+    if len(machines) == 1:
+        return f"all {one(machines[0])}"
+    return (f"runs made on {len(machines)} different machines or settings - a run reproduces bitwise only "
+            f"on its own: " + "; ".join(f"#{i}: {one(m)}" for i, m in enumerate(machines)))
+
+
+def manifest_machine() -> dict[str, Any]:
+    """The machine writing the manifest (no torch: it trains nothing) and the plotting
+    packages' versions; in the pipeline the same machine ran the notebooks."""
+    record = machine.machine_record(None, with_torch=False)
+    packages = {}
+    for name in PLOT_PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    record["packages"] = packages
+    return record
+
+
 def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | None = None,
                    run_dirs: dict[str, str] | None = None, config_sha256: str | None = None,
                    cwd: str | Path = ".", out: str | Path | None = None,
@@ -103,12 +215,21 @@ def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | Non
             "runs": runs,
         })
     run_configs, run_locations, run_hashes = {}, {}, {}
+    runs: dict[str, dict[str, Any]] = {}
+    machines: list[dict[str, Any]] = []
     for rid in sorted(used):
         rdir = Path(run_dirs[rid]) if run_dirs and rid in run_dirs else Path(runs_root or ".") / rid
         run_locations[rid] = rdir.as_posix()
         run_hashes[rid] = {name: sha256_file(Path(cwd) / rdir / name) if (Path(cwd) / rdir / name).exists() else None
                            for name in RUN_FILES}
         run_configs[rid] = run_hashes[rid]["config.json"]
+        record, where = run_record(Path(cwd) / rdir)
+        if where not in machines:
+            machines.append(where)
+        record["machine"] = machines.index(where)
+        runs[rid] = record
+    for i, entry in enumerate(machines):
+        entry["n_runs"] = sum(1 for r in runs.values() if r["machine"] == i)
     git = git_state(cwd)
     manifest = {
         "description": "Figures and tables of the msr pipeline: files with sha256, the runs each "
@@ -126,6 +247,14 @@ def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | Non
         "run_sha256": run_hashes,
         "source_sha256": {src: sha256_file(Path(cwd) / src) if (Path(cwd) / src).exists() else None
                           for src in sorted(sources)},
+        "reproducibility": "A run repeats bitwise only on the same CPU model (and kernel ISA flags), "
+                           "torch (with its oneDNN/MKL/cuDNN), precision and thread count - or the "
+                           "same GPU model; elsewhere its numbers agree statistically, within the "
+                           "seed spread. `msr reproduce <this folder>` retrains a sample and says which.",
+        "runs_made_on": describe_machines(machines),
+        "machines": machines,
+        "manifest_made_on": manifest_machine(),
+        "runs": runs,
     }
     if config is not None:
         manifest["config"] = config

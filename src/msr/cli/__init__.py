@@ -2,7 +2,7 @@
 
     msr train | variants                      msr.cli.training
     msr prepare | download | datasets         msr.cli.data
-    msr aggregate | manifest | verify         msr.cli.analysis
+    msr aggregate | manifest | verify | reproduce   msr.cli.analysis
     msr bench | prefork | reset-run           msr.cli.tools
 
 Building the parser imports no torch (names come from msr.catalog); a command imports what it

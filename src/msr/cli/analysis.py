@@ -1,4 +1,5 @@
-"""``msr aggregate``, ``msr manifest`` and ``msr verify``: from run directories to a citable set."""
+"""``msr aggregate``, ``msr manifest``, ``msr verify`` and ``msr reproduce``: from run directories to a
+citable set, and the checks a reader runs before citing it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", type=Path, default=None,
                    help="the project root [default: derived from the manifest's set_dir]")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "reproduce", help="retrain a sample of a figure set's runs and say whether they reproduce",
+        description="Retrain K sampled runs of a published figure set from the configs its manifest records, "
+                    "into a scratch folder, and compare each with the published run: bitwise where the machine "
+                    "(CPU model, torch, precision, threads) is the same, else within a prediction interval "
+                    "from the published seeds that all K faithful runs meet with 95% probability "
+                    "(msr.analysis.reproduce). "
+                    "Exit 0 only if every run passes.")
+    p.add_argument("set", type=Path, help="the set's folder (figures/<set>) or its MANIFEST.json")
+    p.add_argument("--runs", dest="k", type=int, default=None, metavar="K",
+                   help="how many runs to sample, main-grid runs first (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample [0]")
+    p.add_argument("--run", dest="only", action="append", default=[], metavar="RUN_ID",
+                   help="reproduce this run instead of a sample (repeatable), e.g. digits/resnet20/bn/base/seed0")
+    p.add_argument("--out", type=Path, default=None,
+                   help="scratch folder for the retrained runs [a new temporary folder, kept]")
+    p.add_argument("--root", type=Path, default=None,
+                   help="the project root [default: derived from the manifest's set_dir]")
+    p.add_argument("--runs-root", dest="runs_root", type=Path, default=None,
+                   help="the published runs root, for manifests before version 3 (which record no run configs)")
+    p.add_argument("--data-root", dest="data_root", type=Path, default=None,
+                   help="the data folder [default: the recorded one, below the project root]")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="train on this device instead of the recorded one (then no bitwise match is expected)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads instead of the recorded count (then no bitwise match is expected)")
+    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
+                   help="progress bar on a terminal, epoch lines otherwise")
+    p.set_defaults(func=cmd_reproduce)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
@@ -112,3 +143,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for line in report.notes:
         print(f"  note: {line}")
     return 1 if report.differences else 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from msr.analysis import reproduce
+
+    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    try:
+        verdicts, out = reproduce.reproduce(
+            args.set, k=args.k, seed=args.seed, only=args.only, out=args.out, root=args.root,
+            runs_root=args.runs_root, device=args.device, threads=args.threads, data_root=args.data_root,
+            progress=progress)
+    except reproduce.ReproduceError as err:
+        return fail("msr reproduce", str(err))
+    print()
+    print(reproduce.format_table(verdicts))
+    print(reproduce.overall(verdicts))
+    print(f"(retrained runs and {reproduce.REPORT} in {out})")
+    return 0 if all(v.passed for v in verdicts) else 1

@@ -1,6 +1,6 @@
 """One training run, from a resolved config to a run directory (docs/architecture.md, "The run directory").
 
-    <out>/config.json    resolved config, versions, device
+    <out>/config.json    resolved config, versions, device, machine (msr.machine)
     <out>/metrics.csv    one row per epoch
     <out>/probes.csv     step, layer, metric, value (msr.training.probes)
     <out>/summary.json   status completed|diverged, final (headline) and best test accuracy, ...

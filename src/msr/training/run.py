@@ -21,6 +21,7 @@ from msr import atomic
 from msr import data as msr_data
 from msr.core.models import parse_arch
 from msr.core.variants import Variant, build
+from msr.machine import machine_record
 from msr.training.config import ConfigError, RunConfig
 from msr.training.probes import Prober
 from msr.training.rundir import (
@@ -168,6 +169,9 @@ class Run:
             n_params=sum(p.numel() for p in self.model.parameters()),
             versions={"python": platform.python_version(), "torch": torch.__version__, "msr": msr.__version__},
             device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            # CPU model, kernel ISA flags, torch/oneDNN/cuDNN, GPU: what a bitwise rerun needs
+            # the same of (msr.machine). A record only: nothing reads it to decide a result.
+            machine=machine_record(str(self.device)),
         )
         return rec
 
