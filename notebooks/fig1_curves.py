@@ -63,7 +63,9 @@ pairs = figures.panels(base)
 facets = figures.curve_facets([v for v in variants if v in set(base["variant"])]) if pairs else []
 marker = "o" if curves.empty or curves["epoch"].max() <= 30 else None  # short runs: show the points
 ncols, nrows = max(1, len(facets)), 2 * max(1, len(pairs))
-fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.2 * nrows), squeeze=False, layout="constrained")
+fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.5, 3.3 * ncols), 3.2 * nrows), squeeze=False,
+                         layout="constrained")
+epochs = sorted(curves["epoch"].unique())
 if not pairs:
     for ax in axes.ravel():
         figures.placeholder(ax, "no runs of the main grid")
@@ -96,8 +98,10 @@ for row, (dataset, arch) in enumerate(pairs):
                 c = curves[curves["run_id"] == rid].sort_values("epoch")
                 if c.empty:
                     continue
-                ax_acc.plot(c["epoch"], 100 * c["test_acc"], color=color, **FAILED_STYLE[outcome])
-                ax_loss.plot(c["epoch"], c["test_loss"], color=color, **FAILED_STYLE[outcome])
+                ax_acc.plot(c["epoch"], 100 * c["test_acc"], color=color, marker=marker, ms=2.5, mfc="white",
+                            **FAILED_STYLE[outcome])
+                ax_loss.plot(c["epoch"], c["test_loss"], color=color, marker=marker, ms=2.5, mfc="white",
+                             **FAILED_STYLE[outcome])
                 if outcome == claims.DIVERGED:
                     ax_acc.plot(c["epoch"].iloc[-1:], 100 * c["test_acc"].iloc[-1:], color=color, marker="x", ls="none")
             handles.append(Line2D([], [], color=color, lw=1.4))
@@ -109,8 +113,11 @@ for row, (dataset, arch) in enumerate(pairs):
         ax_acc.set(title=f"{dataset} / {arch}\n{title}", ylabel="test accuracy (%)" if col == 0 else None,
                    ylim=(0, 100))
         ax_loss.set(xlabel="epoch", ylabel="test loss" if col == 0 else None, yscale="log")
-        for ax in (ax_acc, ax_loss):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        for ax in (ax_acc, ax_loss):  # epochs are whole numbers
+            if len(epochs) <= 15:
+                ax.set_xticks(epochs)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if handles:
             ax_loss.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
                            fontsize=7, handlelength=1.5)
@@ -119,7 +126,8 @@ if pairs:
             (Line2D([], [], color="0.3", **FAILED_STYLE[claims.AT_CHANCE]), "one seed that failed: at chance"),
             (Line2D([], [], color="0.3", marker="x", **FAILED_STYLE[claims.DIVERGED]),
              "one seed that failed: diverged (x: its last finite epoch)")]
-    fig.legend([h for h, _ in keys], [t for _, t in keys], loc="outside lower center", ncol=3, frameon=False)
+    fig.legend([h for h, _ in keys], [t for _, t in keys], loc="outside lower center", ncol=3 if ncols >= 3 else 1,
+               frameon=False)
 figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
 figures.write_provenance(snakemake.output.provenance, "fig1_curves", base["run_id"],
                          [snakemake.output.png, snakemake.output.pdf],

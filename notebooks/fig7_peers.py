@@ -173,7 +173,8 @@ legend["seed"] = Line2D([], [], marker="o", color="0.5", ls="none", ms=4, label=
 legend["mean"] = Line2D([], [], color="0.15", lw=1.6, label="mean of the trained seeds")
 if pairs:
     order = [k for k in ("seed", "mean", "band", "bn", "threshold", "at_chance", "diverged") if k in legend]
-    fig.legend(handles=[legend[k] for k in order], loc="outside lower center", ncol=min(3, len(order)), frameon=False)
+    fig.legend(handles=[legend[k] for k in order], loc="outside lower center",
+               ncol=max(1, min(3, len(order), int(width // 3))), frameon=False)
 figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
 figures.write_provenance(snakemake.output.provenance, "fig7_peers", base["run_id"],
                         [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

@@ -241,6 +241,9 @@ def t3_frame() -> pd.DataFrame:
         base | dict(claim="3", comparison="msr: no layer depends on train/eval mode", unit="abs", effect=0.0,
                     ci_low=0.0, ci_high=0.0, verdict=claims.BY_CONSTRUCTION, reason="msr has no batch statistics",
                     detail="measured max |train - eval| 0"),
+        base | dict(claim="4", comparison="msr_noise - msr", a="msr_noise", n_a=0, trained_a=0, diverged_a=0,
+                    at_chance_a=0, b="msr", n_b=3, trained_b=3, diverged_b=0, at_chance_b=0, unit="pp", margin=0.5,
+                    verdict=claims.inconclusive_n(0), reason="msr_noise not in the runs"),
     ]
     frame = pd.DataFrame(rows, columns=claims.COLUMNS)
     return frame.astype({**{c: "Int64" for c in claims.COUNT_COLUMNS},
@@ -266,6 +269,8 @@ def test_t3_markdown_shows_runs_pairing_effect_margin_holm_p_and_verdicts():
     assert cell[2]["effect [95% CI]"].startswith("msr highest 8") and cell[2]["p (Holm)"] == "-"
     assert cell[3]["verdict"] == "baseline failed to train" and cell[3]["runs: trained / all (failed)"] == \
         "wn 0/3 (3 div.); bn 3/3"
+    assert cell[5]["runs: trained / all (failed)"] == "msr_noise: no runs; msr 3/3"
+    assert cell[5]["verdict"] == "inconclusive (n = 0)" and cell[5]["p (Holm)"] == "-"
     assert cell[4]["verdict"] == "by construction" and cell[4]["effect [95% CI]"] == "measured max \\|train - eval\\| 0"
     notes = md.split("\n\n")[-1]
     assert "never means 'equal'" in notes and "Holm" in notes and all(rule in notes for rule in claims.RULES)

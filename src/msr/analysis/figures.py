@@ -607,6 +607,8 @@ def _side_text(r: Mapping, side: str) -> str:
     name, n = r.get(side), r.get(f"n_{side}")
     if not isinstance(name, str) or not name or not _finite(n):
         return ""
+    if int(n) == 0:
+        return f"{name}: no runs"
     parts = [f"{int(r[k])} {w}" for k, w in ((f"diverged_{side}", "div."), (f"at_chance_{side}", "at chance"))
              if _finite(r.get(k)) and int(r[k])]
     return f"{name} {int(r[f'trained_{side}'])}/{int(n)}" + (f" ({', '.join(parts)})" if parts else "")
