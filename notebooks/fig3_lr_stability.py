@@ -19,20 +19,28 @@
 # %% [markdown]
 # # Figure 3 - learning-rate stability
 # docs/method.md, claim 1 (and 2): without normalization, deep nets are unstable at high learning
-# rate; mean shift rejection makes them trainable where `plain` diverges.
+# rate; mean shift rejection makes them trainable where `plain` fails.
 #
-# For each variant of the lr sweep: left, final-epoch test accuracy (mean +- std over the seeds
-# that completed); right, the fraction of seeds whose loss became non-finite. The sweep's
-# points come from runs tagged `lr<value>` plus the main grid's run at the variant's default
-# learning rate. The x axis is the base (conv-group) learning rate; the other parameter group
-# keeps its ratio to it. On the accuracy panel a hollow marker is a point with one completed
-# seed (no spread to show) and an x at the bottom a point where every seed diverged (it has no
-# accuracy, but must not vanish from the panel).
+# For each variant of the lr sweep, left: final-epoch test accuracy - every seed (a small dot; a
+# hollow triangle for a seed that ended at chance; an x in the grey strip for one that
+# diverged: it has no accuracy) and a line through the mean of the seeds that TRAINED, bars
+# +-1 std over them (a hollow circle: one trained seed, no spread); the dotted line is the
+# failure threshold. Right: the share of seeds that failed (diverged or at chance) - ONE
+# definition, `msr.analysis.claims.run_outcome`, the same as Table 3's. Every variant has a
+# legend entry with its seeds per point, also one whose every point failed.
+#
+# The x axis is the lr factor of each variant's own default (every param group scaled together)
+# when runs.csv has `lr_factor`; otherwise the absolute base (conv-group) lr, the other
+# parameter groups keeping their ratio to it. Points: the lr sweep's runs plus the main grid's
+# run at the variant's default (factor 1). Variants at the same point are shifted sideways a
+# little so their markers do not hide each other.
+#
+# Snakemake interface: `input.runs`; `output.png`, `output.pdf`, `output.provenance`;
+# `params.variants` (the lr sweep's variants); optional `params.num_classes`.
 
 # %%
 import pandas as pd
 
-from msr.analysis import aggregate as agg
 from msr.analysis import figures
 
 try:
@@ -42,24 +50,32 @@ except NameError:
 
 figures.figure_style()
 runs = pd.read_csv(snakemake.input.runs)
+num_classes = dict(getattr(snakemake.params, "num_classes", None) or {})
 variants = figures.ordered_variants(snakemake.params.variants)
-sel = figures.select_sweep(runs, variants, "lr")
-stats = agg.summarize(sel, metrics=["final_test_acc"], by=["dataset", "arch", "variant", "lr"])
+sel = figures.with_outcomes(figures.select_sweep(runs, variants, "lr"), num_classes)
+x_values, x_label = figures.lr_axis(sel)
+sel = sel.assign(x=x_values)
 
 # %%
-fig, rows = figures.sweep_axes(sel, "no learning-rate sweep in this config")
-for (dataset, arch), (ax_acc, ax_div) in rows:
-    here = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
-    for variant in variants:
-        figures.plot_vs(ax_acc, here, variant, "lr", "final_test_acc_mean")
-        figures.mark_all_diverged(ax_acc, here, variant, "lr")
-        figures.plot_vs(ax_div, here, variant, "lr", "divergence_rate", errorbars=False, completed_only=False)
-    ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", xlabel="learning rate", xscale="log",
-               ylabel="test accuracy (%)", ylim=(0, 100))
-    ax_div.set(title=f"{dataset} / {arch}: diverged runs", xlabel="learning rate", xscale="log",
-               ylabel="diverged (% of seeds)", ylim=(-5, 105))
-    figures.fixed_ticks((ax_acc, ax_div), here["lr"])
-figures.sweep_legend(fig, [acc_ax for _, (acc_ax, _) in rows])
+fig, rows = figures.sweep_axes(sel, "no learning-rate sweep in this config", width=9.5)
+shown = [v for v in variants if v in set(sel["variant"])]
+seeds_per_point = {}
+for (dataset, arch), (ax_acc, ax_fail) in rows:
+    here = sel[(sel["dataset"] == dataset) & (sel["arch"] == arch)]
+    strip = figures.failure_strip(ax_acc, 0, 100)
+    figures.plot_threshold(ax_acc, float(here["threshold"].iloc[0]))
+    for i, variant in enumerate(shown):
+        offset = figures.dodge(i, len(shown))
+        stats = figures.plot_sweep(ax_acc, here, variant, "x", strip_y=strip, offset=offset)
+        figures.plot_failure_rate(ax_fail, stats, variant, "x", offset=offset)
+        seeds_per_point.setdefault(variant, []).extend(stats["n"].tolist())
+    ax_acc.set(title=f"{dataset} / {arch}: final test accuracy", xlabel=x_label, xscale="log",
+               ylabel="test accuracy (%)")
+    ax_fail.set(title=f"{dataset} / {arch}: failed runs (diverged or at chance)", xlabel=x_label,
+                xscale="log", ylabel="failed (% of seeds)", ylim=(-5, 105))
+    figures.fixed_ticks((ax_acc, ax_fail), here["x"])
+entries = {v: f"{v} (n = {figures.count_range(seeds_per_point[v])} seeds per point)" for v in shown}
+figures.sweep_legend(fig, entries, [acc_ax for _, (acc_ax, _) in rows], ncol=3)
 figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
 figures.write_provenance(snakemake.output.provenance, "fig3_lr_stability", sel["run_id"],
-                     [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])
+                         [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])

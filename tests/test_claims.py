@@ -663,35 +663,3 @@ def test_rules_state_the_thresholds():
     for needle in ("0.5 x (1 - chance)", "baseline failed to train", "inconclusive (n = k)", "sign-flip",
                    "Holm", "TOST", "[-m, +m]", "lr factor", "by construction".capitalize()):
         assert needle in text
-
-
-# ------------------------------------------- msr.analysis.figures markers the figures use to show divergence
-
-
-def test_sweep_markers_show_single_seeds_and_all_diverged_points():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from msr.analysis import figures
-
-    stats = pd.DataFrame({"variant": ["msr"] * 3, "lr": [0.1, 0.4, 1.6], "n_completed": [2, 1, 0],
-                          "n_diverged": [0, 1, 2], "final_test_acc_mean": [0.9, 0.8, math.nan],
-                          "final_test_acc_std": [0.01, math.nan, math.nan]})
-    fig, (ax, other) = plt.subplots(1, 2)
-    figures.plot_vs(ax, stats, "msr", "lr", "final_test_acc_mean")
-    hollow = [line for line in ax.lines if line.get_gid() == "msr-key-single-seed"]
-    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.4] and hollow[0].get_markerfacecolor() == "white"
-    crosses = figures.mark_all_diverged(ax, stats, "msr", "lr")
-    assert list(crosses["lr"]) == [1.6]
-    figures.sweep_legend(fig, [ax, other])
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "msr", "1 completed seed (no spread)", "every seed diverged"]
-    # nothing special drawn: no keys for it in the legend
-    fig2, ax2 = plt.subplots()
-    figures.plot_vs(ax2, stats.iloc[:1], "msr", "lr", "final_test_acc_mean")
-    assert figures.mark_all_diverged(ax2, stats.iloc[:1], "msr", "lr").empty
-    figures.sweep_legend(fig2, [ax2])
-    assert [t.get_text() for t in fig2.legends[0].get_texts()] == ["msr"]
-    plt.close("all")
