@@ -31,6 +31,8 @@ from msr.core.method import (
     zero_mean_init_,
 )
 from msr.core.models import (
+    CHANNELS,
+    CLASSES,
     BasicBlock,
     FixupBlock,
     FixupResNet,
@@ -397,7 +399,7 @@ class Variant:
         return unity_decay(self.unity_decayed, self.spec.unity_kappa)
 
 
-def build(name: str, *, depth: int = 20, num_classes: int = 10, in_channels: int = 3, **overrides) -> Variant:
+def build(name: str, *, depth: int = 20, num_classes: int = CLASSES, in_channels: int = CHANNELS, **overrides) -> Variant:
     """Build variant ``name`` (see ``VARIANTS``) with its initialization, using torch's global RNG."""
     spec = get_spec(name, **overrides)
     noise = None
