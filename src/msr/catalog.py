@@ -35,6 +35,11 @@ class DatasetFacts:
         return 1.0 / self.num_classes
 
 
+# The config set a plain `make run` / `snakemake` makes (workflow/config/default.yaml's `name:`,
+# the schema's default): its files live under results/<set>/ and figures/<set>/, which is where
+# the `msr aggregate` / `msr manifest` defaults and a notebook run by hand look.
+DEFAULT_SET = "digits"
+
 # The paper's recipe on CIFAR (200 epochs, batch 128). digits has 1437 training images, where
 # batch 128 would give 11 steps an epoch, so it defaults to smaller batches.
 DATASETS: dict[str, DatasetFacts] = {

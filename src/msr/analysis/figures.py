@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -144,18 +145,21 @@ def placeholder(ax, message: str) -> None:
             fontsize=9, color="0.35")
 
 
-def standalone_snakemake(name: str, kind: str = "figure", **params):
+def standalone_snakemake(name: str, kind: str = "figure", set_name: str | None = None, **params):
     """A stand-in for the ``snakemake`` object when a notebook is run by hand (e.g. in Jupyter
-    outside ``snakemake --edit-notebook``): the default tables in, ``results/scratch/`` out."""
+    outside ``snakemake --edit-notebook``): a config set's tables in (``results/<set>/tables/``;
+    the set: ``set_name``, else ``$MSR_SET``, else the default set), ``results/<set>/scratch/``
+    out. Run it from the project root, where the pipeline writes ``results/``."""
     from types import SimpleNamespace
 
-    out = Path("results/scratch")
+    results = Path("results") / (set_name or os.environ.get("MSR_SET") or catalog.DEFAULT_SET)
+    out = results / "scratch"
     files = ({"png": out / f"{name}.png", "pdf": out / f"{name}.pdf"} if kind == "figure"
              else {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"})
     files["provenance"] = out / f"{name}.provenance.json"
+    tables = results / "tables"
     return SimpleNamespace(
-        input=SimpleNamespace(runs="results/tables/runs.csv", summary="results/tables/summary.csv",
-                              curves="results/tables/curves.csv"),
+        input=SimpleNamespace(**{t: str(tables / f"{t}.csv") for t in ("runs", "summary", "curves")}),
         output=SimpleNamespace(**{k: str(v) for k, v in files.items()}),
         params=SimpleNamespace(**params),
     )
