@@ -134,6 +134,12 @@ class VariantSpec:
         if self.gain_noise > 0 and not (self.norm == "none" and self.affine):
             raise ValueError(f"variant {self.name!r}: gain_noise needs the per-filter gains of the affine scheme")
 
+    def resolved_lr(self, lr: float | None) -> float:
+        """A run's base (conv-group) learning rate: ``lr``, or this variant's own when None (a
+        config's null, an omitted ``--lr``). The trainer, the run-directory checks and the
+        pipeline's grid all resolve it here."""
+        return self.lr if lr is None else lr
+
     def _check_peer_combination(self) -> None:
         """The peers' nets, inits and the method's options only combine where they are defined."""
 

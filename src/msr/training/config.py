@@ -88,8 +88,8 @@ class RunConfig:
 
         need(self.dataset in catalog.DATASETS, "dataset", f"valid datasets: {', '.join(catalog.DATASETS)}")
         facts = catalog.dataset(self.dataset)
-        self.epochs = facts.epochs if self.epochs is None else self.epochs
-        self.batch_size = facts.batch_size if self.batch_size is None else self.batch_size
+        self.epochs = facts.or_default("epochs", self.epochs)
+        self.batch_size = facts.or_default("batch_size", self.batch_size)
         try:
             parse_arch(self.arch)
         except ValueError as e:
@@ -102,8 +102,10 @@ class RunConfig:
         need(self.noise_delta is None or (is_num(self.noise_delta) and 0 <= self.noise_delta <= 1), "noise_delta", "must be in [0, 1]")
         need(isinstance(self.overrides, dict), "overrides", "must be a mapping of variant fields")
         need(self.image_size is None or (is_int(self.image_size) and self.image_size >= 4), "image_size", "must be an integer >= 4")
-        need(self.train_subset is None or (is_int(self.train_subset) and self.train_subset >= 1),
-             "train_subset", "must be an integer >= 1 (a number of training images) or null")
+        try:
+            facts.check_train_subset(self.train_subset)
+        except ValueError as e:
+            raise ConfigError(f"train_subset={self.train_subset!r}: {e}") from None
         need(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(all(is_num(m) and 0 < m <= 1 for m in self.milestones), "milestones", "must be fractions of the run in (0, 1]")
         need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
