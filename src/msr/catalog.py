@@ -54,6 +54,11 @@ class DatasetFacts:
                              f"({self.name} has {self.train_size}), or null for all of them")
 
 
+# Where datasets are downloaded and cached unless a config or option says otherwise (msr.data's
+# functions, `msr train/prepare/datasets/bench --data-root`, RunConfig.data_root and the config
+# schema's train.data_root all mean this folder; tests/test_defaults.py checks they agree).
+DATA_ROOT = "data"
+
 # The config set a plain `make run` / `snakemake` makes (workflow/config/default.yaml's `name:`,
 # the schema's default): its files live under results/<set>/ and figures/<set>/, which is where
 # the `msr aggregate` / `msr manifest` defaults and a notebook run by hand look.

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from msr import catalog
 from msr.data import cache, cifar, digits, fashion_mnist, synthetic
 from msr.data.base import Dataset, DatasetError, DatasetSpec, stratified_subset
 from msr.data.cifar import IMAGENET_MEAN, IMAGENET_STD
@@ -80,7 +81,7 @@ def _spec(name: str) -> DatasetSpec:
 
 def load_dataset(
     name: str,
-    root: str | Path = "data",
+    root: str | Path = catalog.DATA_ROOT,
     *,
     image_size: int | None = None,
     allow_download: bool = True,
@@ -106,7 +107,7 @@ def load_dataset(
 
 def prepare(
     name: str,
-    root: str | Path = "data",
+    root: str | Path = catalog.DATA_ROOT,
     *,
     image_size: int | None = None,
     allow_download: bool = True,
@@ -126,7 +127,7 @@ def prepare(
 
 def cache_path(
     name: str,
-    root: str | Path = "data",
+    root: str | Path = catalog.DATA_ROOT,
     *,
     image_size: int | None = None,
     synthetic_kwargs: Mapping[str, int] | None = None,
@@ -140,7 +141,7 @@ def cache_path(
     return cache.path(root, spec.cache_stem(spec.settings(image_size, synthetic_kwargs)))
 
 
-def download(name: str, root: str | Path = "data", *, mirror: str | Path | None = None) -> None:
+def download(name: str, root: str | Path = catalog.DATA_ROOT, *, mirror: str | Path | None = None) -> None:
     """Put ``name``'s raw files under ``<root>/raw/``, verified; no-op for generated/bundled data.
 
     Whatever is already there and verified is used without any network - that is how an
