@@ -54,7 +54,7 @@ from msr import atomic, catalog
 from msr import data as msr_data
 from msr.core.method import BlockInputNoise
 from msr.core.models import parse_arch
-from msr.core.variants import VARIANTS, Variant, build
+from msr.core.variants import Variant, build
 from msr.data.cifar import CIFAR_CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD
 
 # the bench's generated data stand in for CIFAR-10 (the paper's dataset): its shape and classes
@@ -693,8 +693,7 @@ def run(args) -> int:
         for a in archs:
             parse_arch(a)
         for v in variants:
-            if v not in VARIANTS:
-                raise ValueError(f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
+            catalog.check_variant(v)
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method {bad[0]!r}; valid methods: {', '.join(METHODS)}")
