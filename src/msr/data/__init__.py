@@ -14,7 +14,7 @@ subclass plus its line below.
 ``cifar10`` / ``cifar100`` (:mod:`msr.data.cifar`)
     The official python-format archives (download, md5, parse): the paper.
 ``fashion_mnist`` (:mod:`msr.data.fashion_mnist`)
-    Zalando's 60k/10k grey 28x28 garments: raw/, then a local mirror (Debian's package), then
+    Zalando's grey garments: raw/, then a local mirror (Debian's package), then
     the official download; the decompressed content is verified.
 ``synthetic`` (:mod:`msr.data.synthetic`)
     Generated learnable images, for tests (tests/datagen.py also writes them in the CIFAR
@@ -93,9 +93,8 @@ def load_dataset(
     The processed cache ``<root>/processed/...`` (see :func:`cache_path`) is used when present;
     otherwise it is built and written, so the raw data are parsed once.
 
-    ``image_size``: digits 8, 16 (default) or 32; CIFAR only 32; fashion_mnist only 28;
-    synthetic any (same as
-    ``synthetic_kwargs["image_size"]``). ``mirror``: a local folder to copy raw files from
+    ``image_size``: one of the dataset's ``image_sizes`` in msr.catalog (None: its
+    ``image_size``); synthetic any (same as ``synthetic_kwargs["image_size"]``). ``mirror``: a local folder to copy raw files from
     (datasets that have one; ``None`` = the dataset's default). ``synthetic_kwargs``: keys of
     :data:`SYNTHETIC_DEFAULTS` (only for ``synthetic``).
     """
