@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from datagen import write_cifar_batches
 
 from msr import catalog, data
 from msr.core.variants import VARIANTS
@@ -36,7 +37,7 @@ def test_cifar_and_fashion_facts_are_the_parsers(tmp_path):
 
     for name in ("cifar10", "cifar100"):
         facts = catalog.dataset(name)
-        folder = data.write_cifar_batches(tmp_path / "raw", kind=name, n_train=facts.num_classes, n_test=4)
+        folder = write_cifar_batches(tmp_path / "raw", kind=name, n_train=facts.num_classes, n_test=4)
         assert folder.name == facts.raw_folder
         ds = data.load_dataset(name, tmp_path, allow_download=False)
         assert ds.num_classes == facts.num_classes and ds.in_channels == facts.channels

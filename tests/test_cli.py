@@ -22,12 +22,12 @@ def test_prepare_then_datasets_shows_the_cache(tmp_path, capsys):
     root = tmp_path / "data"
     assert main(["datasets", "--data-root", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "digits         1437 train / 360 test, 10 classes, 1x16x16 (defaults: 10 epochs, batch 32)\n    not prepared\n" in out
+    assert "digits         1437 train / 360 test, 10 classes, 1x16x16 (defaults: 10 epochs, batch 32; image sizes: 8, 16, 32)\n    not prepared\n" in out
     assert main(["prepare", "--dataset", "digits", "--data-root", str(root), "--image-size", "8"]) == 0
     path = capsys.readouterr().out.strip()
     assert path.endswith("digits-8.pt") and (root / "processed" / "digits-8.pt").exists()
     assert main(["datasets", "--data-root", str(root)]) == 0
-    assert "batch 32)\n    cached: digits-8.pt\n" in capsys.readouterr().out
+    assert "batch 32; image sizes: 8, 16, 32)\n    cached: digits-8.pt\n" in capsys.readouterr().out
 
 
 def test_prepare_cifar_offline_without_archive_fails_cleanly(tmp_path, capsys):

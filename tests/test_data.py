@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datagen import write_cifar_batches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,7 +116,7 @@ def test_bad_names_and_sizes_are_value_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\(8, 16, 32\)"):
         data.load_dataset("digits", tmp_path, image_size=12)
     with pytest.raises(ValueError, match="32x32"):
-        data.load_dataset("cifar10", tmp_path, image_size=16, download=False)
+        data.load_dataset("cifar10", tmp_path, image_size=16, allow_download=False)
     assert not (tmp_path / "processed").exists()
 
 
@@ -142,7 +143,7 @@ def _unpickle(path: Path) -> dict:
 
 
 def test_write_cifar_batches_uses_the_official_layout(tmp_path: Path) -> None:
-    c10 = data.write_cifar_batches(tmp_path, kind="cifar10", n_train=23, n_test=7)
+    c10 = write_cifar_batches(tmp_path, kind="cifar10", n_train=23, n_test=7)
     assert c10 == tmp_path / "cifar-10-batches-py"
     expected = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
     assert {p.name for p in c10.iterdir()} == expected
@@ -151,17 +152,17 @@ def test_write_cifar_batches_uses_the_official_layout(tmp_path: Path) -> None:
     assert len(batch[b"labels"]) == len(batch[b"data"])
     assert len(_unpickle(c10 / "batches.meta")[b"label_names"]) == 10
 
-    c100 = data.write_cifar_batches(tmp_path, kind="cifar100", n_train=9, n_test=4)
+    c100 = write_cifar_batches(tmp_path, kind="cifar100", n_train=9, n_test=4)
     assert c100 == tmp_path / "cifar-100-python"
     assert {p.name for p in c100.iterdir()} == {"train", "test", "meta"}
     train = _unpickle(c100 / "train")
     assert {b"data", b"fine_labels", b"coarse_labels"} <= set(train)
     with pytest.raises(ValueError):
-        data.write_cifar_batches(tmp_path, kind="cifar1000")
+        write_cifar_batches(tmp_path, kind="cifar1000")
 
 
 def test_cifar10_parse_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = data.write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=23, n_test=7)
+    folder = write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=23, n_test=7)
     _forbid_network(monkeypatch)
     ds = data.load_dataset("cifar10", tmp_path)  # download allowed, but the folder is there
     assert ds.train_x.shape == (23, 3, 32, 32) and ds.test_x.shape == (7, 3, 32, 32)
@@ -179,7 +180,7 @@ def test_cifar10_parse_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_download_is_a_noop_when_extracted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision.datasets.utils as tv_utils
 
-    data.write_cifar_batches(tmp_path / "raw", kind="cifar100", n_train=5, n_test=3)
+    write_cifar_batches(tmp_path / "raw", kind="cifar100", n_train=5, n_test=3)
     monkeypatch.setattr(tv_utils, "download_url", pytest.fail)
     monkeypatch.setattr(fetch, "fetch", pytest.fail)
     data.download("cifar100", tmp_path)
@@ -188,9 +189,9 @@ def test_download_is_a_noop_when_extracted(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_cifar100_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data.write_cifar_batches(tmp_path / "raw", kind="cifar100", n_train=130, n_test=11, seed=3)
+    write_cifar_batches(tmp_path / "raw", kind="cifar100", n_train=130, n_test=11, seed=3)
     _forbid_network(monkeypatch)
-    ds = data.load_dataset("cifar100", tmp_path, download=False)
+    ds = data.load_dataset("cifar100", tmp_path, allow_download=False)
     assert ds.train_x.shape == (130, 3, 32, 32) and ds.test_x.shape == (11, 3, 32, 32)
     assert ds.num_classes == 100
     assert int(ds.train_y.min()) >= 0 and int(ds.train_y.max()) < 100
@@ -220,10 +221,10 @@ def _python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
 
 
 def test_python2_pickles_like_the_official_archives_parse(tmp_path: Path) -> None:
-    folder = data.write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=10, n_test=4)
+    folder = write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=10, n_test=4)
     rows = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
     (folder / "data_batch_2").write_bytes(_python2_batch(rows, [9, 0, 4]))
-    ds = data.load_dataset("cifar10", tmp_path, download=False)
+    ds = data.load_dataset("cifar10", tmp_path, allow_download=False)
     assert ds.train_x.shape == (11, 3, 32, 32)  # batches of 2, 3 (the python 2 one), 2, 2, 2
     assert np.array_equal(ds.train_x[2:5].numpy(), rows.reshape(3, 3, 32, 32))
     assert ds.train_y[2:5].tolist() == [9, 0, 4]
@@ -251,7 +252,7 @@ def _corruptions() -> dict[str, tuple[object, str]]:
 
 @pytest.mark.parametrize("case", list(_corruptions()))
 def test_corrupt_cifar_batch_is_a_clear_error(tmp_path: Path, case: str) -> None:
-    folder = data.write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=10, n_test=4)
+    folder = write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=10, n_test=4)
     content, message = _corruptions()[case]
     target = folder / "data_batch_3"
     if isinstance(content, bytes):
@@ -260,21 +261,21 @@ def test_corrupt_cifar_batch_is_a_clear_error(tmp_path: Path, case: str) -> None
         with target.open("wb") as f:
             pickle.dump(content, f, protocol=2)
     with pytest.raises(DatasetError, match=message) as info:
-        data.load_dataset("cifar10", tmp_path, download=False)
+        data.load_dataset("cifar10", tmp_path, allow_download=False)
     assert str(target) in str(info.value)
     assert not (tmp_path / "processed" / "cifar10.pt").exists()
 
 
 def test_missing_batch_file_is_named(tmp_path: Path) -> None:
-    folder = data.write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=10, n_test=4)
+    folder = write_cifar_batches(tmp_path / "raw", kind="cifar10", n_train=10, n_test=4)
     (folder / "data_batch_5").unlink()
     with pytest.raises(DatasetError, match="data_batch_5"):
-        data.load_dataset("cifar10", tmp_path, download=False)
+        data.load_dataset("cifar10", tmp_path, allow_download=False)
 
 
 def test_missing_data_without_download_says_where_to_put_it(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as info:
-        data.load_dataset("cifar100", tmp_path, download=False)
+        data.load_dataset("cifar100", tmp_path, allow_download=False)
     msg = str(info.value)
     assert cifar.CIFAR100_URL in msg and cifar.CIFAR100_MD5 in msg and "cifar-100-python" in msg
 
@@ -282,7 +283,7 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path: Path) -> N
 def _make_archive(tmp_path: Path, kind: str = "cifar10") -> tuple[Path, str]:
     """A CIFAR-format .tar.gz built like the official one; returns (file, its md5)."""
     src = tmp_path / "archive-src"
-    folder = data.write_cifar_batches(src, kind=kind, n_train=12, n_test=5)
+    folder = write_cifar_batches(src, kind=kind, n_train=12, n_test=5)
     name = "cifar-10-python.tar.gz" if kind == "cifar10" else "cifar-100-python.tar.gz"
     archive = tmp_path / "server" / name
     archive.parent.mkdir()

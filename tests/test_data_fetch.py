@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from datagen import write_cifar_batches
 
 from msr import data
 from msr.data import DatasetError, cifar, fashion_mnist, fetch
@@ -113,7 +114,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def _archive(tmp_path: Path) -> tuple[bytes, str]:
-    src = data.write_cifar_batches(tmp_path / "archive-src", kind="cifar10", n_train=10, n_test=4)
+    src = write_cifar_batches(tmp_path / "archive-src", kind="cifar10", n_train=10, n_test=4)
     path = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         tar.add(src, arcname=src.name)

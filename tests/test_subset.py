@@ -59,7 +59,7 @@ def test_a_run_trains_on_the_subset_and_records_it(tmp_path):
 
 
 def test_a_subset_larger_than_the_training_set_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="only 1437 training images"):
+    with pytest.raises(ConfigError, match=r"train_subset=5000: must be a number of training images from 1 to 1437"):
         train(RunConfig(dataset="digits", arch="resnet8", epochs=1, image_size=8, threads=1, train_subset=5000),
               tmp_path / "r", log=lambda *_: None)
     assert not (tmp_path / "r").exists()

@@ -278,7 +278,7 @@ def test_slurm_profile_dry_run(workdir):
     ({"name": "../elsewhere"}, "'../elsewhere' does not match"),
     ({"epochs": 3}, "'epochs' was unexpected"),
     ({"train": {"epoch": 3}}, "'epoch' was unexpected"),
-    ({"train": {"precision": "fp16"}}, "'fp16' is not one of"),
+    ({"train": {"precision": "fp8"}}, "'fp8' is not one of"),
     ({"sweeps": {"lr": {"value": [0.1]}}}, "'value' was unexpected"),
     ({"sweeps": {"lr": {"seeds": [0, 0]}}}, "has non-unique elements"),
     ({"sweeps": {"lr": {"datasets": []}}}, "instance['sweeps']['lr']['datasets']"),
@@ -292,6 +292,7 @@ def test_slurm_profile_dry_run(workdir):
     ({"analysis": {"probe_arch": "resnet56"}}, "probe_arch"),
     ({"sweeps": {"batch_size": {"values": [8, 4096]}}}, "config sweeps.batch_size.values: batch size 4096 is larger than the training set of digits (1437 images)"),
     ({"train": {"overrides": {"bogus": 1}}}, "config train.overrides={'bogus': 1}: unknown override(s) ['bogus']"),
+    ({"train": {"train_subset": 2000}}, "config train.train_subset=2000 for digits: must be a number of training images from 1 to 1437"),
     ({"sweeps": {"lr": {"variants": []}}}, "config sweeps.lr: has values but no variants"),
     ({"sweeps": {"lr": {"values": [0.8, 0.8000001]}}}, "0.8 and 0.8000001 give the same run tag 'lr0.8'"),
 ])

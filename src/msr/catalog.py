@@ -1,10 +1,11 @@
 """The facts every layer reads, in one place and without torch.
 
-Each dataset's sizes, classes, channels, image size and training defaults, and each variant's
-name with the claim it tests. The config schema, the grid checks, the CLI's help, the claims
-table and the notebooks read them here; ``msr.data`` and ``msr.core.variants`` build what these
-facts describe, and tests check that what they build agrees (tests/test_catalog.py). Nothing
-else writes these facts down.
+Each dataset's sizes, classes, channels, image size and training defaults (and what a null
+epochs / batch size / training subset means for it), each variant's name with the claim it
+tests, the default data folder and the default config set. The config schema, the grid checks,
+the CLI's help, the claims table and the notebooks read them here; ``msr.data`` and
+``msr.core.variants`` build what these facts describe, and tests check that what they build
+agrees (tests/test_catalog.py, tests/test_defaults.py). Nothing else writes these facts down.
 """
 
 from __future__ import annotations
@@ -34,6 +35,34 @@ class DatasetFacts:
         """Accuracy of guessing: 1 / classes."""
         return 1.0 / self.num_classes
 
+    def or_default(self, key: str, value: int | None) -> int:
+        """``value``, or this dataset's own ``key`` (``epochs`` or ``batch_size``) when it is
+        ``None``: what a null in a config or an omitted ``msr train`` option means. The one
+        place that reads it (RunConfig and the pipeline's grid both ask here)."""
+        if key not in ("epochs", "batch_size"):
+            raise KeyError(f"{key!r} has no per-dataset default (epochs, batch_size)")
+        return getattr(self, key) if value is None else value
+
+    def check_train_subset(self, n: object) -> None:
+        """The one rule for a training subset of ``n`` images (``msr train --train-subset``,
+        config ``train.train_subset``): an integer from 1 to the training set's size, or None
+        (the whole set). A ValueError says what is allowed; the caller names its key."""
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.train_size:
+            raise ValueError(f"must be a number of training images from 1 to {self.train_size} "
+                             f"({self.name} has {self.train_size}), or null for all of them")
+
+
+# Where datasets are downloaded and cached unless a config or option says otherwise (msr.data's
+# functions, `msr train/prepare/datasets/bench --data-root`, RunConfig.data_root and the config
+# schema's train.data_root all mean this folder; tests/test_defaults.py checks they agree).
+DATA_ROOT = "data"
+
+# The config set a plain `make run` / `snakemake` makes (workflow/config/default.yaml's `name:`,
+# the schema's default): its files live under results/<set>/ and figures/<set>/, which is where
+# the `msr aggregate` / `msr manifest` defaults and a notebook run by hand look.
+DEFAULT_SET = "digits"
 
 # The paper's recipe on CIFAR (200 epochs, batch 128). digits has 1437 training images, where
 # batch 128 would give 11 steps an epoch, so it defaults to smaller batches.

@@ -146,7 +146,8 @@ def train_args(wildcards):
     config (another run, a sweep, the analysis) never changes this job's params."""
     run, train = run_of(wildcards), config["train"]
     args = [f"--dataset {run.dataset}", f"--arch {run.arch}", f"--variant {run.variant}",
-            f"--seed {run.seed}", f"--epochs {train['epochs']}", f"--batch-size {run.batch_size}",
+            f"--seed {run.seed}", f"--epochs {grid.per_dataset(train, 'epochs', run.dataset)}",
+            f"--batch-size {run.batch_size}",
             f"--device {train['device']}", f"--probe-every {probe_every(run)}",
             f"--data-root {DATA_ROOT}"]
     if run.lr is not None:

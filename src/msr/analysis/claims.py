@@ -115,7 +115,8 @@ DEFAULT_MARGIN = 0.005  # equivalence margin in accuracy units (0.5 pp), per dat
 IDENTITY_TOL = 1e-6
 # Classes per dataset, for the chance level (1 / classes), from the catalog; others via num_classes=.
 NUM_CLASSES = {name: facts.num_classes for name, facts in catalog.DATASETS.items()}
-PEERS_CLAIM6 = ("wn", "fixup", "skipinit")
+# claim 6 ("weight normalization and init-only schemes do not"): the variants the catalog files under it
+PEERS_CLAIM6 = tuple(name for name, claim in catalog.VARIANT_CLAIMS.items() if claim == "6")
 # Pairs (A, B) whose runs with the same seed also share the init: the noise module holds no
 # parameters, so x and x_noise build the same weights from torch.manual_seed(seed).
 SHARES_INIT = frozenset({("msr_noise", "msr"), ("bn_noise", "bn")})

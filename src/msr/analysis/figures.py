@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -151,16 +152,17 @@ def placeholder(ax, message: str) -> None:
 
 def standalone_snakemake(name: str, kind: str = "figure", set_name: str | None = None, **params):
     """A stand-in for the ``snakemake`` object when a notebook is run by hand (e.g. in Jupyter
-    outside ``snakemake --edit-notebook``): the tables of set ``set_name`` (default: the
-    environment variable ``MSR_SET``, else ``digits``) in, ``results/<set>/scratch/`` out."""
-    import os
+    outside ``snakemake --edit-notebook``): a config set's tables in (``results/<set>/tables/``;
+    the set: ``set_name``, else ``$MSR_SET``, else the default set), ``results/<set>/scratch/``
+    out. Run it from the project root, where the pipeline writes ``results/``."""
     from types import SimpleNamespace
 
-    set_name = set_name or os.environ.get("MSR_SET") or "digits"
-    tables, out = Path("results") / set_name / "tables", Path("results") / set_name / "scratch"
+    results = Path("results") / (set_name or os.environ.get("MSR_SET") or catalog.DEFAULT_SET)
+    out = results / "scratch"
     files = ({"png": out / f"{name}.png", "pdf": out / f"{name}.pdf"} if kind == "figure"
              else {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"})
     files["provenance"] = out / f"{name}.provenance.json"
+    tables = results / "tables"
     return SimpleNamespace(
         input=SimpleNamespace(**{t: str(tables / f"{t}.csv") for t in ("runs", "summary", "curves")}),
         output=SimpleNamespace(**{k: str(v) for k, v in files.items()}),

@@ -8,7 +8,12 @@ import csv
 import sys
 from pathlib import Path
 
+from msr import catalog
 from msr.cli.common import fail
+
+# the default config set's folders (workflow/rules/common.smk lays every set out this way)
+RESULTS = Path("results") / catalog.DEFAULT_SET
+FIGURES = Path("figures") / catalog.DEFAULT_SET
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +22,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Collect run directories into results tables (runs.csv, summary.csv, curves.csv).")
     p.add_argument("run_dirs", nargs="*", type=Path,
                    help="run directories or their summary.json files; default: every complete run under --runs")
-    p.add_argument("--runs", type=Path, default=Path("results/runs"),
-                   help="the runs root (run ids are paths below it) [results/runs]")
-    p.add_argument("--out", type=Path, default=Path("results/tables"), help="output folder [results/tables]")
+    p.add_argument("--runs", type=Path, default=RESULTS / "runs",
+                   help=f"the runs root (run ids are paths below it) [{RESULTS / 'runs'}]")
+    p.add_argument("--out", type=Path, default=RESULTS / "tables", help=f"output folder [{RESULTS / 'tables'}]")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser(
@@ -29,14 +34,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="provenance records (results/<set>/provenance/<name>.json)")
     p.add_argument("--runs-table", type=Path, default=None,
                    help="results/<set>/tables/runs.csv, to find each run's directory")
-    p.add_argument("--runs", type=Path, default=Path("results/runs"),
-                   help="runs root, used when --runs-table is not given [results/runs]")
+    p.add_argument("--runs", type=Path, default=RESULTS / "runs",
+                   help=f"runs root, used when --runs-table is not given [{RESULTS / 'runs'}]")
     p.add_argument("--config-sha256", default=None, help="hash of the pipeline config")
     p.add_argument("--config-record", type=Path, default=None,
                    help="the resolved pipeline config (JSON/YAML mapping), recorded so that "
                         "`msr verify --config` can compare a config file with it; its hash "
                         "must equal --config-sha256 if both are given")
-    p.add_argument("--out", type=Path, default=Path("figures/MANIFEST.json"))
+    p.add_argument("--out", type=Path, default=FIGURES / "MANIFEST.json", help=f"[{FIGURES / 'MANIFEST.json'}]")
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser(

@@ -17,7 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ]:
         p = sub.add_parser(name, help=helptext, description=helptext)
         p.add_argument("--dataset", required=True, choices=list(catalog.DATASETS))
-        p.add_argument("--data-root", dest="data_root", default="data")
+        p.add_argument("--data-root", dest="data_root", default=catalog.DATA_ROOT, help=f"default: {catalog.DATA_ROOT}")
         p.add_argument("--mirror", default=None, metavar="DIR",
                        help="local folder with the raw files, tried before any download "
                             "(default: the dataset's own, e.g. Debian's for fashion_mnist)")
@@ -26,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--no-download", dest="download", action="store_false")
         p.set_defaults(func=func)
     p = sub.add_parser("datasets", help="list datasets, where each comes from, and what is on disk")
-    p.add_argument("--data-root", dest="data_root", default="data")
+    p.add_argument("--data-root", dest="data_root", default=catalog.DATA_ROOT, help=f"default: {catalog.DATA_ROOT}")
     p.set_defaults(func=cmd_datasets)
 
 
@@ -68,9 +68,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     cached = sorted(p.name for p in (root / "processed").glob("*.pt")) if (root / "processed").is_dir() else []
     for name, facts in catalog.DATASETS.items():
         mine = [c for c in cached if c == f"{name}.pt" or c.startswith(f"{name}-")]
+        sizes = "any" if facts.image_sizes is None else ", ".join(map(str, facts.image_sizes))
         print(f"{name:<14} {facts.train_size} train / {facts.test_size} test, {facts.num_classes} classes, "
               f"{facts.channels}x{facts.image_size}x{facts.image_size} (defaults: {facts.epochs} epochs, "
-              f"batch {facts.batch_size})")
+              f"batch {facts.batch_size}; image sizes: {sizes})")
         print(f"    {'cached: ' + ', '.join(mine) if mine else 'not prepared'}")
         for k, source in enumerate(data.sources(name), start=1):
             print(f"    {k}. {source}")

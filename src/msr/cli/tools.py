@@ -70,7 +70,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-path", action="store_true", help="the data-path report instead of the table")
     g.add_argument("--dataset", default="synthetic", help="synthetic (CIFAR-shaped, default), digits, cifar10, cifar100")
     g.add_argument("--image-size", type=int, default=None)
-    g.add_argument("--data-root", default="data")
+    g.add_argument("--data-root", default=catalog.DATA_ROOT, help=f"default: {catalog.DATA_ROOT}")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional loop")
     g.add_argument("--no-conventional", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one of the K processes

@@ -8,35 +8,42 @@ import yaml
 
 from msr import catalog
 from msr.cli.common import fail, load_config_file, parse_override
+from msr.training import config
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    d = config.defaults()  # the one definition of a run's defaults (torch-free)
     p = sub.add_parser(
         "train",
         help="train one run into a run directory",
-        description="Train one run. Options override keys of --config; unset options take the variant's defaults.",
+        description="Train one run. Options override keys of --config; unset options take the defaults "
+                    "shown, the dataset's (msr datasets lists them) or the variant's (msr variants).",
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", help="YAML/JSON file with any of the options below (keys use underscores)")
     p.add_argument("--out", help="run directory (required)")
-    p.add_argument("--dataset", help=f"one of {', '.join(catalog.DATASETS)} (default digits)")
-    p.add_argument("--arch", help="resnetN with N = 6n+2 (default resnet20)")
-    p.add_argument("--variant", help=f"one of {', '.join(catalog.VARIANTS)} (default msr)")
+    p.add_argument("--dataset", help=f"one of {', '.join(catalog.DATASETS)} (default {d['dataset']})")
+    p.add_argument("--arch", help=f"resnetN with N = 6n+2 (default {d['arch']})")
+    p.add_argument("--variant", help=f"one of {', '.join(catalog.VARIANTS)} (default {d['variant']})")
     p.add_argument("--epochs", type=int, help="default: the dataset's (msr datasets lists them)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--lr", type=float, help="base (conv-group) lr; other groups keep their ratio")
+    p.add_argument("--seed", type=int, help=f"default {d['seed']}")
+    p.add_argument("--lr", type=float, help="base (conv-group) lr; other groups keep their ratio (default: the variant's)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="default: the dataset's (msr datasets lists them)")
-    p.add_argument("--noise-delta", dest="noise_delta", type=float, help="noise magnitude d (turns noise on for any variant)")
-    p.add_argument("--data-root", dest="data_root")
-    p.add_argument("--image-size", dest="image_size", type=int, help="digits: 8, 16 (default) or 32")
+    p.add_argument("--noise-delta", dest="noise_delta", type=float,
+                   help="noise magnitude d (turns noise on for any variant; default: the variant's)")
+    p.add_argument("--data-root", dest="data_root", help=f"default {d['data_root']}")
+    p.add_argument("--image-size", dest="image_size", type=int,
+                   help="one of the dataset's image sizes (default: its own; msr datasets lists them)")
     p.add_argument("--train-subset", dest="train_subset", type=int, metavar="N",
-                   help="train on a fixed class-stratified subset of N training images (the test set stays whole)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+                   help="train on a fixed class-stratified subset of N training images, from 1 to the "
+                        "training set's size (the test set stays whole; default: all)")
+    p.add_argument("--device", choices=config.DEVICES, help=f"default {d['device']}")
     p.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=config.PRECISIONS,
+                   help=f"autocast precision (default {d['precision']}: bf16 on CUDA, fp32 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--probe-every", dest="probe_every", type=int, help="steps between probes")
+    p.add_argument("--probe-every", dest="probe_every", type=int, help=f"steps between probes (default {d['probe_every']})")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="set a variant field, e.g. lam=0.5 (repeatable)")
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto", help="progress bar on a terminal, epoch lines otherwise")
     p.add_argument(

@@ -32,7 +32,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from msr import catalog
+
 NoiseFactory = Callable[[], nn.Module]
+
+# A net built without a dataset in mind is a CIFAR-10 net (the paper's main dataset)
+CLASSES = catalog.dataset("cifar10").num_classes
+CHANNELS = catalog.dataset("cifar10").channels
 
 VALID_DEPTHS_HINT = "depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)"
 
@@ -164,8 +170,8 @@ class CifarResNet(ResNetBase):
         self,
         depth: int,
         *,
-        num_classes: int = 10,
-        in_channels: int = 3,
+        num_classes: int = CLASSES,
+        in_channels: int = CHANNELS,
         norm: str = "bn",
         widths: tuple[int, int, int] = (16, 32, 64),
         block_gains: bool = False,
@@ -218,7 +224,7 @@ class CifarResNet(ResNetBase):
 
 
 def cifar_resnet(
-    depth: int, *, num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kwargs
+    depth: int, *, num_classes: int = CLASSES, in_channels: int = CHANNELS, norm: str = "bn", **kwargs
 ) -> CifarResNet:
     """He et al. 2016 CIFAR ResNet. ``norm='bn'`` is the reference net; ``'none'`` drops BatchNorm.
 
@@ -337,7 +343,7 @@ class FixupResNet(ResNetBase):
     (which need ``num_residual_blocks``, the L of the paper).
     """
 
-    def __init__(self, depth: int, *, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int] = (16, 32, 64)):
+    def __init__(self, depth: int, *, num_classes: int = CLASSES, in_channels: int = CHANNELS, widths: tuple[int, int, int] = (16, 32, 64)):
         super().__init__()
         n = _check_depth(depth)
         self.depth = depth
@@ -434,7 +440,7 @@ class PreActResNet(ResNetBase):
     """
 
     def __init__(
-        self, depth: int, *, num_classes: int = 10, in_channels: int = 3, norm: str = "bn",
+        self, depth: int, *, num_classes: int = CLASSES, in_channels: int = CHANNELS, norm: str = "bn",
         alpha: float = 0.2, widths: tuple[int, int, int] = (16, 32, 64),
     ):
         super().__init__()

@@ -31,6 +31,8 @@ from msr.core.method import (
     zero_mean_init_,
 )
 from msr.core.models import (
+    CHANNELS,
+    CLASSES,
     BasicBlock,
     FixupBlock,
     FixupResNet,
@@ -132,6 +134,12 @@ class VariantSpec:
         if self.gain_noise > 0 and not (self.norm == "none" and self.affine):
             raise ValueError(f"variant {self.name!r}: gain_noise needs the per-filter gains of the affine scheme")
 
+    def resolved_lr(self, lr: float | None) -> float:
+        """A run's base (conv-group) learning rate: ``lr``, or this variant's own when None (a
+        config's null, an omitted ``--lr``). The trainer, the run-directory checks and the
+        pipeline's grid all resolve it here."""
+        return self.lr if lr is None else lr
+
     def _check_peer_combination(self) -> None:
         """The peers' nets, inits and the method's options only combine where they are defined."""
 
@@ -226,8 +234,7 @@ OVERRIDABLE = tuple(f.name for f in fields(VariantSpec) if f.name not in ("name"
 
 def get_spec(name: str, **overrides) -> VariantSpec:
     """The registered spec with ``overrides`` applied and validated; errors name the valid choices."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    catalog.check_variant(name)  # the registry is the catalog's variants (tests/test_catalog.py)
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for variant {name!r}; valid: {', '.join(OVERRIDABLE)}")
@@ -397,7 +404,7 @@ class Variant:
         return unity_decay(self.unity_decayed, self.spec.unity_kappa)
 
 
-def build(name: str, *, depth: int = 20, num_classes: int = 10, in_channels: int = 3, **overrides) -> Variant:
+def build(name: str, *, depth: int = 20, num_classes: int = CLASSES, in_channels: int = CHANNELS, **overrides) -> Variant:
     """Build variant ``name`` (see ``VARIANTS``) with its initialization, using torch's global RNG."""
     spec = get_spec(name, **overrides)
     noise = None

@@ -14,11 +14,11 @@ subclass plus its line below.
 ``cifar10`` / ``cifar100`` (:mod:`msr.data.cifar`)
     The official python-format archives (download, md5, parse): the paper.
 ``fashion_mnist`` (:mod:`msr.data.fashion_mnist`)
-    Zalando's 60k/10k grey 28x28 garments: raw/, then a local mirror (Debian's package), then
+    Zalando's grey garments: raw/, then a local mirror (Debian's package), then
     the official download; the decompressed content is verified.
 ``synthetic`` (:mod:`msr.data.synthetic`)
-    Generated learnable images, for tests; :func:`write_cifar_batches` writes them in the
-    CIFAR layout so the CIFAR path is tested offline.
+    Generated learnable images, for tests (tests/datagen.py also writes them in the CIFAR
+    layout, so the CIFAR path is tested offline).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from msr import catalog
 from msr.data import cache, cifar, digits, fashion_mnist, synthetic
 from msr.data.base import Dataset, DatasetError, DatasetSpec, stratified_subset
-from msr.data.cifar import IMAGENET_MEAN, IMAGENET_STD, write_cifar_batches
+from msr.data.cifar import IMAGENET_MEAN, IMAGENET_STD
 from msr.data.digits import DIGITS_IMAGE_SIZES, DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
 from msr.data.loader import DeviceLoader, normalize
 from msr.data.synthetic import SYNTHETIC_DEFAULTS
@@ -52,7 +53,6 @@ __all__ = [
     "prepare",
     "sources",
     "stratified_subset",
-    "write_cifar_batches",
 ]
 
 # The registry: one line per dataset, in the order the CLI and the config schema list them.
@@ -74,15 +74,6 @@ def _spec(name: str) -> DatasetSpec:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from None
 
 
-def _allow(allow_download: bool, download: bool | None) -> bool:
-    """``download=`` is the older spelling of ``allow_download=``; either may be given."""
-    if download is None:
-        return bool(allow_download)
-    if allow_download is not True and bool(allow_download) != bool(download):
-        raise ValueError(f"allow_download={allow_download!r} conflicts with download={download!r}")
-    return bool(download)
-
-
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
@@ -90,41 +81,37 @@ def _allow(allow_download: bool, download: bool | None) -> bool:
 
 def load_dataset(
     name: str,
-    root: str | Path = "data",
+    root: str | Path = catalog.DATA_ROOT,
     *,
     image_size: int | None = None,
     allow_download: bool = True,
     mirror: str | Path | None = None,
     synthetic_kwargs: Mapping[str, int] | None = None,
-    download: bool | None = None,
 ) -> Dataset:
     """Load dataset ``name``, preparing (and if allowed downloading) it on first use.
 
     The processed cache ``<root>/processed/...`` (see :func:`cache_path`) is used when present;
     otherwise it is built and written, so the raw data are parsed once.
 
-    ``image_size``: digits 8, 16 (default) or 32; CIFAR only 32; fashion_mnist only 28;
-    synthetic any (same as
-    ``synthetic_kwargs["image_size"]``). ``mirror``: a local folder to copy raw files from
+    ``image_size``: one of the dataset's ``image_sizes`` in msr.catalog (None: its
+    ``image_size``); synthetic any (same as ``synthetic_kwargs["image_size"]``). ``mirror``: a local folder to copy raw files from
     (datasets that have one; ``None`` = the dataset's default). ``synthetic_kwargs``: keys of
-    :data:`SYNTHETIC_DEFAULTS` (only for ``synthetic``). ``download`` is the older spelling of
-    ``allow_download``.
+    :data:`SYNTHETIC_DEFAULTS` (only for ``synthetic``).
     """
     _, payload = _obtain(
-        name, Path(root), image_size, _allow(allow_download, download), mirror, synthetic_kwargs
+        name, Path(root), image_size, allow_download, mirror, synthetic_kwargs
     )
     return _to_dataset(name, payload)
 
 
 def prepare(
     name: str,
-    root: str | Path = "data",
+    root: str | Path = catalog.DATA_ROOT,
     *,
     image_size: int | None = None,
     allow_download: bool = True,
     mirror: str | Path | None = None,
     synthetic_kwargs: Mapping[str, int] | None = None,
-    download: bool | None = None,
 ) -> Path:
     """Build the processed cache for ``name`` if it is missing or stale; return its path.
 
@@ -132,14 +119,14 @@ def prepare(
     ``os.replace``), so a killed job or two concurrent jobs never leave a half-written file.
     """
     path, _ = _obtain(
-        name, Path(root), image_size, _allow(allow_download, download), mirror, synthetic_kwargs
+        name, Path(root), image_size, allow_download, mirror, synthetic_kwargs
     )
     return path
 
 
 def cache_path(
     name: str,
-    root: str | Path = "data",
+    root: str | Path = catalog.DATA_ROOT,
     *,
     image_size: int | None = None,
     synthetic_kwargs: Mapping[str, int] | None = None,
@@ -153,7 +140,7 @@ def cache_path(
     return cache.path(root, spec.cache_stem(spec.settings(image_size, synthetic_kwargs)))
 
 
-def download(name: str, root: str | Path = "data", *, mirror: str | Path | None = None) -> None:
+def download(name: str, root: str | Path = catalog.DATA_ROOT, *, mirror: str | Path | None = None) -> None:
     """Put ``name``'s raw files under ``<root>/raw/``, verified; no-op for generated/bundled data.
 
     Whatever is already there and verified is used without any network - that is how an

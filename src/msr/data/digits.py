@@ -1,8 +1,8 @@
-"""``digits``: scikit-learn's bundled handwritten digits (1797 grey 8x8 images, 10 classes).
+"""``digits``: scikit-learn's bundled handwritten digits, grey 8x8 (sizes, classes and the image
+sizes it can be upsampled to: msr.catalog).
 
 Offline - it ships with scikit-learn - which makes it the laptop demo. A fixed stratified 80/20
-split (:data:`DIGITS_TEST_FRACTION`, :data:`DIGITS_SPLIT_SEED`), optionally upsampled to 16
-(default) or 32 pixels.
+split (:data:`DIGITS_TEST_FRACTION`, :data:`DIGITS_SPLIT_SEED`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from msr import catalog
 from msr.data.base import DatasetSpec, InputPipeline, train_stats_pipeline
 
 # The digits split: sklearn.model_selection.train_test_split(indices, test_size=0.2,
-# stratify=labels, random_state=0) over the 1797 images -> 1437 train / 360 test. Both index
+# stratify=labels, random_state=0) over all images -> the catalog's train / test sizes (tested). Both index
 # lists are then sorted, so a split's order is the dataset's order. Changing either constant
 # changes every digits result; they are part of the experiment's definition.
 DIGITS_TEST_FRACTION = 0.2

@@ -1,4 +1,4 @@
-"""``fashion_mnist``: Zalando's Fashion-MNIST (60,000 train / 10,000 test, grey 28x28, 10 classes).
+"""``fashion_mnist``: Zalando's Fashion-MNIST, grey 28x28 garments (sizes and classes: msr.catalog).
 
 Four gzipped IDX files (:mod:`msr.data.idx`), looked for in this order, file by file:
 

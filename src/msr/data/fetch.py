@@ -24,7 +24,6 @@ public function of the package's API.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -72,10 +71,6 @@ def md5_file(path: str | Path) -> str:
     from torchvision.datasets.utils import calculate_md5
 
     return calculate_md5(str(path), chunk_size=_CHUNK)
-
-
-def md5_bytes(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def preplaced_mismatch(path: Path, what: str, detail: str) -> DatasetError:

@@ -1,8 +1,8 @@
 """``synthetic``: generated, learnable images of any size, channel count and class count.
 
-Deterministic for a seed, instant to make - for tests and smoke runs. :func:`generate` also
-feeds :func:`msr.data.cifar.write_cifar_batches`, which writes such images in the exact CIFAR
-file layout so the CIFAR code path can be tested without internet.
+Deterministic for a seed, instant to make - for tests and smoke runs. The tests also write
+:func:`generate`'s images in the exact CIFAR file layout (tests/datagen.py), so the CIFAR code
+path is tested without internet.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ device-resident loader and a conventional torchvision-style ``DataLoader`` of PI
 per-sample transforms - plus the shares of the step spent in the gradient modification and the
 noise modules.
 
-The data is synthetic and CIFAR-shaped (3 x 32 x 32, 10 classes), so both run anywhere offline.
+The data is synthetic and CIFAR-10-shaped (msr.catalog), so both run anywhere offline.
 """
 
 from __future__ import annotations
@@ -50,11 +50,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from msr import atomic
+from msr import atomic, catalog
 from msr import data as msr_data
 from msr.core.method import BlockInputNoise
 from msr.core.models import parse_arch
-from msr.core.variants import VARIANTS, Variant, build
+from msr.core.variants import Variant, build
+from msr.data.cifar import CIFAR_CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD
+
+# the bench's generated data stand in for CIFAR-10 (the paper's dataset): its shape and classes
+_CIFAR = catalog.dataset("cifar10")
 
 
 # =========================================================================== data-path report
@@ -206,10 +210,11 @@ def run_data_path(args: argparse.Namespace) -> dict:
     if args.dataset == "synthetic":
         ds = msr_data.load_dataset(
             "synthetic", args.data_root,
-            synthetic_kwargs=dict(n_train=args.n_train, n_test=100, channels=3, image_size=32, num_classes=10, seed=0),
+            synthetic_kwargs=dict(n_train=args.n_train, n_test=100, channels=_CIFAR.channels,
+                                  image_size=_CIFAR.native_size, num_classes=_CIFAR.num_classes, seed=0),
         )
         # CIFAR's augmentation, so both loops do the work a CIFAR run does
-        ds.flip, ds.crop_padding = True, 4
+        ds.flip, ds.crop_padding = True, CIFAR_CROP_PADDING
     else:
         ds = msr_data.load_dataset(args.dataset, args.data_root, image_size=args.image_size)
 
@@ -293,8 +298,8 @@ def format_data_path(r: dict) -> str:
 # =========================================================================== comparison table
 METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "stacked", "stacked_graph")
 CUDA_ONLY = ("compile_cudagraphs", "cuda_graph", "stacked_graph")
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
+IMAGE_SHAPE = (_CIFAR.channels, _CIFAR.native_size, _CIFAR.native_size)
+NUM_CLASSES = _CIFAR.num_classes
 
 
 def synthetic_loader(n: int, batch_size: int, seed: int, device: torch.device, channels_last: bool) -> Iterator:
@@ -304,8 +309,8 @@ def synthetic_loader(n: int, batch_size: int, seed: int, device: torch.device, c
     images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
     loader = msr_data.DeviceLoader(
-        images, labels, batch_size=batch_size, mean=CIFAR_MEAN, std=CIFAR_STD, train=True, seed=seed,
-        crop_padding=4, flip=True, device=device, channels_last=channels_last,
+        images, labels, batch_size=batch_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=True,
+        seed=seed, crop_padding=CIFAR_CROP_PADDING, flip=True, device=device, channels_last=channels_last,
     )
 
     def epoch(e: int) -> Iterator:
@@ -688,8 +693,7 @@ def run(args) -> int:
         for a in archs:
             parse_arch(a)
         for v in variants:
-            if v not in VARIANTS:
-                raise ValueError(f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
+            catalog.check_variant(v)
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method {bad[0]!r}; valid methods: {', '.join(METHODS)}")

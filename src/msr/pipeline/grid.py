@@ -5,8 +5,10 @@ problem here stops the pipeline before any job, with one line that names the con
 
 - :func:`check_config` - what JSON schema cannot say: list items that ``--config`` turned into
   strings, a sweep with values but no variants (or the reverse), ``train.overrides`` that
-  msr's own variant validation rejects for a variant of the grid, a batch size larger than a
-  dataset's training set;
+  msr's own variant validation rejects for a variant of the grid, a ``train.train_subset``
+  outside a dataset's training set (msr.catalog's rule), a batch size larger than a dataset's
+  training set (``train.epochs`` / ``train.batch_size`` null: each dataset's own, from
+  msr.catalog - :func:`per_dataset`);
 - :func:`build_grid` - every run of the config (main grid, then each sweep), refusing two
   sweep values that would share one run directory (0.8 and 0.8000001 both give ``lr0.8``).
 
@@ -48,8 +50,8 @@ class Run:
     variant: str
     tag: str  # base | lr<v> | bs<v> | d<v>
     seed: int
+    batch_size: int  # resolved: train.batch_size, or the dataset's own (msr.catalog) when null
     lr: float | None = None  # None: the variant's default
-    batch_size: int = 128
     noise_delta: float | None = None  # None: the variant's default
 
     @property
@@ -71,6 +73,12 @@ def _spec(variant: str, overrides: Mapping[str, Any]):
     from msr.core.variants import get_spec  # torch: only where a grid is built
 
     return get_spec(variant, **overrides)
+
+
+def per_dataset(train: Mapping[str, Any], key: str, dataset: str) -> int:
+    """``train.epochs`` / ``train.batch_size`` for a run on ``dataset``: the config's value, or
+    the dataset's own default (msr.catalog) where the config leaves it null."""
+    return catalog.dataset(dataset).or_default(key, train[key])
 
 
 # ------------------------------------------------------------------------ config checks
@@ -114,14 +122,24 @@ def check_config(cfg: Mapping[str, Any]) -> None:
             raise GridError(f"config train.overrides={overrides!r}: {err}") from None
 
     subset = train.get("train_subset")
+    grid_datasets = dict.fromkeys(cfg["datasets"])
+    for sweep in cfg["sweeps"].values():
+        if sweep["variants"]:
+            grid_datasets.update(dict.fromkeys(_sweep_axis(cfg, sweep, "datasets")))
+    for dataset in grid_datasets:
+        try:
+            catalog.dataset(dataset).check_train_subset(subset)
+        except ValueError as err:
+            raise GridError(f"config train.train_subset={subset!r} for {dataset}: {err}") from None
 
-    def check_batch(key: str, batch: int, datasets: Sequence[str]) -> None:
+    def check_batch(key: str, batch: int | None, datasets: Sequence[str]) -> None:
         for dataset in datasets:
             full = catalog.dataset(dataset).train_size
             n = min(full, subset or math.inf)
-            if batch > n:
+            batch_here = catalog.dataset(dataset).or_default("batch_size", batch)
+            if batch_here > n:
                 raise GridError(
-                    f"config {key}: batch size {batch} is larger than the training set of {dataset} "
+                    f"config {key}: batch size {batch_here} is larger than the training set of {dataset} "
                     f"({n} images{', train.train_subset' if subset and subset < full else ''})"
                 )
 
@@ -149,22 +167,23 @@ def build_grid(cfg: Mapping[str, Any]) -> dict[tuple, Run]:
     runs: dict[tuple, Run] = {}
 
     def base_lr(variant: str) -> float:
-        return train["lr"] if train["lr"] is not None else _spec(variant, overrides).lr
+        return _spec(variant, overrides).resolved_lr(train["lr"])
 
     def base_noise(variant: str) -> float:
         """train.noise_delta changes the noisy variants only (a variant without noise keeps none)."""
         own = _spec(variant, overrides).noise_delta
         return train["noise_delta"] if train["noise_delta"] is not None and own > 0 else own
 
-    def base(variant: str) -> dict[str, Any]:
+    def base(variant: str, dataset: str) -> dict[str, Any]:
         noisy = train["noise_delta"] is not None and _spec(variant, overrides).noise_delta > 0
-        return dict(lr=train["lr"], batch_size=train["batch_size"], noise_delta=train["noise_delta"] if noisy else None)
+        return dict(lr=train["lr"], batch_size=per_dataset(train, "batch_size", dataset),
+                    noise_delta=train["noise_delta"] if noisy else None)
 
     for dataset in cfg["datasets"]:
         for arch in cfg["archs"]:
             for variant in cfg["variants"]:
                 for seed in cfg["seeds"]:
-                    run = Run(dataset, arch, variant, "base", seed, **base(variant))
+                    run = Run(dataset, arch, variant, "base", seed, **base(variant, dataset))
                     runs[run.key] = run
 
     def in_main(d: str, a: str, v: str, s: int) -> bool:
@@ -185,15 +204,15 @@ def build_grid(cfg: Mapping[str, Any]) -> dict[tuple, Run]:
                 for variant in sweep["variants"]:
                     for tag, value in tags.items():
                         for seed in _sweep_axis(cfg, sweep, "seeds"):
-                            opts = base(variant)
+                            opts = base(variant, dataset)
                             if name == "lr":
                                 same = value == base_lr(variant)
                                 opts["lr"] = float(value)
                             elif name == "batch_size":
                                 value = int(value)
-                                same = value == train["batch_size"]
+                                same = value == opts["batch_size"]
+                                ratio = value / opts["batch_size"]
                                 opts["batch_size"] = value
-                                ratio = value / train["batch_size"]
                                 scale = {"none": None, "linear": ratio, "sqrt": math.sqrt(ratio)}[sweep["lr_scaling"]]
                                 if scale is not None:
                                     opts["lr"] = round(base_lr(variant) * scale, 10)
@@ -223,8 +242,8 @@ def expected_record(run: Run, cfg: Mapping[str, Any]) -> dict[str, Any]:
     spec = _spec(run.variant, {**overrides, **({} if run.noise_delta is None else {"noise_delta": run.noise_delta})})
     record: dict[str, Any] = {
         "dataset": run.dataset, "arch": run.arch, "variant": run.variant, "seed": run.seed,
-        "epochs": train["epochs"], "batch_size": run.batch_size,
-        "lr": run.lr if run.lr is not None else spec.lr,
+        "epochs": per_dataset(train, "epochs", run.dataset), "batch_size": run.batch_size,
+        "lr": spec.resolved_lr(run.lr),
         "noise_delta": spec.noise_delta,
         "overrides": overrides,
     }

@@ -1,8 +1,13 @@
 """The config of one run: every option, its default, and the checks that name a bad one.
 
+This is the one definition of a run's defaults: ``msr train``'s help text is generated from
+these fields and the pipeline's config schema is checked against them (tests/test_defaults.py).
 ``None`` means "the variant's or the dataset's default" (msr.catalog holds the dataset defaults;
 the variant registry the variants'). :meth:`RunConfig.validate` fills them in and checks every
 field before anything is written.
+
+Torch-free at import (torch and the registry are imported where a config is validated), so the
+command line reads these defaults without paying torch's import.
 """
 
 from __future__ import annotations
@@ -11,13 +16,12 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from msr import catalog
-from msr.core.models import parse_arch
-from msr.core.variants import VARIANTS, get_spec
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,10 +44,11 @@ class RunConfig:
     batch_size: int | None = None  # None: the dataset's default
     noise_delta: float | None = None  # shortcut for overrides["noise_delta"]
     overrides: dict[str, Any] = field(default_factory=dict)  # any VariantSpec field
-    data_root: str = "data"
-    image_size: int | None = None  # digits: 8/16/32 (default 16); CIFAR: native 32
-    # train on a fixed class-stratified subset of this many training images (None: all); the
-    # same subset for every run and seed (msr.data.stratified_subset); the test set stays whole
+    data_root: str = catalog.DATA_ROOT
+    image_size: int | None = None  # None: the dataset's (msr.catalog: image_size, image_sizes)
+    # train on a fixed class-stratified subset of this many training images (None: all; the
+    # limits: msr.catalog.DatasetFacts.check_train_subset); the same subset for every run and
+    # seed (msr.data.stratified_subset); the test set stays whole
     train_subset: int | None = None
     momentum: float = 0.9
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where lr *= gamma
@@ -75,6 +80,8 @@ class RunConfig:
 
         Also fills the dataset-dependent defaults (epochs, batch size) left as ``None``.
         """
+        from msr.core.models import parse_arch
+        from msr.core.variants import VARIANTS, get_spec
 
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
@@ -88,8 +95,8 @@ class RunConfig:
 
         need(self.dataset in catalog.DATASETS, "dataset", f"valid datasets: {', '.join(catalog.DATASETS)}")
         facts = catalog.dataset(self.dataset)
-        self.epochs = facts.epochs if self.epochs is None else self.epochs
-        self.batch_size = facts.batch_size if self.batch_size is None else self.batch_size
+        self.epochs = facts.or_default("epochs", self.epochs)
+        self.batch_size = facts.or_default("batch_size", self.batch_size)
         try:
             parse_arch(self.arch)
         except ValueError as e:
@@ -102,13 +109,15 @@ class RunConfig:
         need(self.noise_delta is None or (is_num(self.noise_delta) and 0 <= self.noise_delta <= 1), "noise_delta", "must be in [0, 1]")
         need(isinstance(self.overrides, dict), "overrides", "must be a mapping of variant fields")
         need(self.image_size is None or (is_int(self.image_size) and self.image_size >= 4), "image_size", "must be an integer >= 4")
-        need(self.train_subset is None or (is_int(self.train_subset) and self.train_subset >= 1),
-             "train_subset", "must be an integer >= 1 (a number of training images) or null")
+        try:
+            facts.check_train_subset(self.train_subset)
+        except ValueError as e:
+            raise ConfigError(f"train_subset={self.train_subset!r}: {e}") from None
         need(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(all(is_num(m) and 0 < m <= 1 for m in self.milestones), "milestones", "must be fractions of the run in (0, 1]")
         need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
         need(self.device in DEVICES, "device", f"valid devices: {', '.join(DEVICES)}")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not _cuda_available():
             raise ConfigError("device='cuda' but no CUDA device is available (use --device auto or cpu)")
         need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads", "must be an integer >= 1")
         need(self.precision in PRECISIONS, "precision", f"valid: {', '.join(PRECISIONS)}")
@@ -127,6 +136,9 @@ class RunConfig:
         return over
 
     def resolved_device(self) -> torch.device:
+        """The ``torch.device`` to train on (``auto``: CUDA when available)."""
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -135,4 +147,13 @@ class RunConfig:
         return self.threads or len(os.sched_getaffinity(0))
 
 
-# --------------------------------------------------------------------------- run-directory files
+def defaults() -> dict[str, Any]:
+    """Every field's default, as ``msr train`` documents it (None: the dataset's / variant's)."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(RunConfig)}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

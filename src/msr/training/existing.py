@@ -21,7 +21,7 @@ def requested_record(cfg: RunConfig) -> dict[str, Any]:
     image size left to the dataset's default is not compared)."""
     spec = get_spec(cfg.variant, **cfg.variant_overrides())
     rec = {k: getattr(cfg, k) for k in RESULT_KEYS}
-    rec.update(lr=cfg.lr if cfg.lr is not None else spec.lr, noise_delta=spec.noise_delta,
+    rec.update(lr=spec.resolved_lr(cfg.lr), noise_delta=spec.noise_delta,
                milestones=list(cfg.milestones))
     if cfg.image_size is None:
         del rec["image_size"]

@@ -22,7 +22,7 @@ from msr import data as msr_data
 from msr.core.models import parse_arch
 from msr.core.variants import Variant, build
 from msr.machine import machine_record
-from msr.training.config import ConfigError, RunConfig
+from msr.training.config import RunConfig
 from msr.training.probes import Prober
 from msr.training.rundir import (
     CHECKPOINT,
@@ -94,10 +94,7 @@ class Run:
             torch.backends.cudnn.benchmark = True
 
         ds = msr_data.load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
-        if cfg.train_subset is not None:
-            if cfg.train_subset > len(ds.train_y):
-                raise ConfigError(f"train_subset={cfg.train_subset}: {cfg.dataset} has only "
-                                  f"{len(ds.train_y)} training images")
+        if cfg.train_subset is not None:  # its limits: RunConfig.validate (msr.catalog)
             # normalization keeps the full training set's statistics: the subset changes how
             # much the model sees, not how its input is scaled
             keep = msr_data.stratified_subset(ds.train_y, cfg.train_subset)
@@ -120,7 +117,7 @@ class Run:
         # fp16 needs loss scaling; the projection then runs on unscaled gradients (docs/method.md)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
-        lr = cfg.lr if cfg.lr is not None else self.variant.spec.lr
+        lr = self.variant.spec.resolved_lr(cfg.lr)
         self.base_lr = lr
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.SGD(self.variant.param_groups(lr), momentum=cfg.momentum, fused=fused or None)

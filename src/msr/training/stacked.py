@@ -55,7 +55,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from msr.core.method import BlockInputNoise, cmrr_gradients_, project_gradients_, unity_decay
-from msr.core.models import GainConv2d
+from msr.core.models import CHANNELS, CLASSES, GainConv2d
 from msr.core.variants import Variant, build
 
 NOISE_RNGS = ("per_model", "shared")
@@ -98,8 +98,8 @@ class StackedSeeds:
         seeds: Sequence[int],
         *,
         depth: int = 20,
-        num_classes: int = 10,
-        in_channels: int = 3,
+        num_classes: int = CLASSES,
+        in_channels: int = CHANNELS,
         overrides: dict | None = None,
         lr: float | None = None,
         momentum: float = 0.9,
