@@ -246,7 +246,7 @@ def test_any_exception_mid_transfer_removes_the_part(
 ) -> None:
     seen: list[Path] = []
 
-    def half_then_fail(url: str, dest: Path, timeout: float) -> None:
+    def half_then_fail(url: str, dest: Path, timeout: float, max_bytes: int | None) -> None:
         dest.write_bytes(b"half an archive")
         seen.append(dest)
         raise error()

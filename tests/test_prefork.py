@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from msr.infra import prefork
+
 MSR = [sys.executable, "-m", "msr"]
 RUN = ["train", "--dataset", "digits", "--arch", "resnet8", "--image-size", "8", "--threads", "1",
        "--probe-every", "20"]
@@ -46,7 +48,8 @@ def server(tmp_path):
     proc = subprocess.Popen([*MSR, "prefork", "--serve", str(path)])
     wait_until(lambda: path.exists() or proc.poll() is not None, 120, "the server's socket")
     assert proc.poll() is None, "the server exited at start"
-    yield proc, {**os.environ, "MSR_PREFORK_SOCKET": str(path)}
+    # the allocation the server runs in, as `msr prefork` records it (tests run inside a Slurm job too)
+    yield proc, {**os.environ, "MSR_PREFORK_SOCKET": str(path), prefork.ENV_ALLOCATION: prefork._allocation(os.environ)}
     proc.terminate()
     proc.wait(timeout=30)
     assert not path.exists(), "the server left its socket behind"

@@ -133,7 +133,7 @@ def test_gpu_lock_folder_is_private_to_a_slurm_allocation(monkeypatch, tmp_path)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     monkeypatch.delenv("MSR_GPU_LOCK_DIR", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert gpu.lock_dir_from_env() == tmp_path / f"msr-gpu-locks-{os.getuid()}"
+    assert gpu.lock_dir_from_env() == (tmp_path / f"msr-gpu-locks-{os.getuid()}", False)
 
     # two allocations on one node, each told by Slurm that its GPU is "0" (device confinement
     # numbers from 0): neither waits for the other's slot
@@ -150,7 +150,7 @@ def test_gpu_lock_folder_is_private_to_a_slurm_allocation(monkeypatch, tmp_path)
         first.release()
         second.release()
     monkeypatch.setenv("MSR_GPU_LOCK_DIR", str(tmp_path / "shared"))  # an explicit folder still wins
-    assert gpu.lock_dir_from_env() == tmp_path / "shared"
+    assert gpu.lock_dir_from_env() == (tmp_path / "shared", True)
 
 
 @pytest.mark.parametrize("args", [[], ["bogus"], ["up", "now"]])

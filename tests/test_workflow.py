@@ -249,9 +249,9 @@ def test_sweep_runs_probe_sparsely_main_grid_densely(workdir):
 
 def test_global_noise_delta_changes_only_the_noisy_variants(workdir, tmp_path):
     overlay = tmp_path / "noise.yaml"
-    overlay.write_text(yaml.safe_dump({"train": {"noise_delta": 0.2}}))
-    done = snakemake(workdir, "results/digits/runs/digits/resnet20/msr_noise/base/seed0/summary.json",
-                     "results/digits/runs/digits/resnet20/msr/base/seed0/summary.json",
+    overlay.write_text(yaml.safe_dump({"name": "noise", "train": {"noise_delta": 0.2}}))
+    done = snakemake(workdir, "results/noise/runs/digits/resnet20/msr_noise/base/seed0/summary.json",
+                     "results/noise/runs/digits/resnet20/msr/base/seed0/summary.json",
                      "-n", "-p", "--configfile", str(overlay))
     assert done.returncode == 0, done.stderr
     cmds = {re.search(r"--variant (\w+)", line).group(1): line

@@ -14,6 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 
 try:
@@ -30,6 +32,19 @@ except ImportError as err:  # pragma: no cover - a setup problem, not a config p
 
 def _config_error(err):
     return WorkflowError(str(err))
+
+
+# ----------------------------------------------------------------- values in shell commands
+# Every value a rule's shell command gets from the config is quoted where it is made: sh() for
+# params (data_root, data_mirror, overrides, the train options), `:q` for JSON. The rest is safe
+# by construction: the set name is a schema pattern of letters, digits, '.', '_', '-', the
+# wildcards are constrained to the grid's datasets, archs, variants, tags and seeds, the rest
+# are integers and hashes. (Adding `:q` to those in the shell text would change the text, which
+# Snakemake's `code` rerun trigger compares: every run of every existing study would retrain.)
+def sh(*args):
+    """Arguments as one shell command-line fragment, each quoted (shlex.quote leaves a safe value
+    such as `data` or `--seed` as it is, so a job's params stay what they were)."""
+    return " ".join(shlex.quote(str(arg)) for arg in args)
 
 
 # --------------------------------------------------------------------- the config, checked
@@ -52,6 +67,11 @@ except grid.GridError as err:
 # this Python interpreter win, so `.venv/bin/snakemake` works without activating the venv (also
 # inside cluster jobs, which re-read this file).
 os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+# How long a train job waits for a free GPU slot (msr.infra.gpu), when the config says: through
+# the environment, like PATH, not the shell command - whose text is a rerun trigger, while a
+# resource should be none.
+if config["resources"].get("gpu_wait_s") is not None:
+    os.environ.update(MSR_GPU_WAIT_S=str(config["resources"]["gpu_wait_s"]))  # cluster jobs re-read this file
 
 # The software environment of every rule when run with `--sdm conda` (otherwise the
 # environment that runs snakemake is used; see workflow/envs/msr.yaml).
@@ -95,6 +115,17 @@ for _name in ("probe_dataset", "probe_arch"):
 
 try:
     RUNS = grid.build_grid(config)
+except grid.GridError as err:
+    raise _config_error(err)
+
+# Last: a config that changes the default study must not keep the default's set name (a config
+# file without `name:` inherits it, and would overwrite figures/digits).
+_DEFAULT_CONFIG = "workflow/config/default.yaml"
+with open(Path(workflow.basedir) / _DEFAULT_CONFIG) as _f:
+    _default = yaml.safe_load(_f)
+validate(_default, "../schemas/config.schema.yaml")
+try:
+    grid.check_set_name(config, _default, _DEFAULT_CONFIG)
 except grid.GridError as err:
     raise _config_error(err)
 
@@ -145,24 +176,23 @@ def train_args(wildcards):
     """The command-line options of one run - and nothing else, so editing any other part of the
     config (another run, a sweep, the analysis) never changes this job's params."""
     run, train = run_of(wildcards), config["train"]
-    args = [f"--dataset {run.dataset}", f"--arch {run.arch}", f"--variant {run.variant}",
-            f"--seed {run.seed}", f"--epochs {grid.per_dataset(train, 'epochs', run.dataset)}",
-            f"--batch-size {run.batch_size}",
-            f"--device {train['device']}", f"--probe-every {probe_every(run)}",
-            f"--data-root {DATA_ROOT}"]
+    args = ["--dataset", run.dataset, "--arch", run.arch, "--variant", run.variant,
+            "--seed", run.seed, "--epochs", grid.per_dataset(train, "epochs", run.dataset), "--batch-size", run.batch_size,
+            "--device", train["device"], "--probe-every", probe_every(run),
+            "--data-root", DATA_ROOT]
     if run.lr is not None:
-        args.append(f"--lr {run.lr!r}")
+        args += ["--lr", repr(run.lr)]
     if run.noise_delta is not None:
-        args.append(f"--noise-delta {run.noise_delta!r}")
+        args += ["--noise-delta", repr(run.noise_delta)]
     if train["image_size"] is not None:
-        args.append(f"--image-size {train['image_size']}")
+        args += ["--image-size", train["image_size"]]
     if train["precision"] != "auto":
-        args.append(f"--precision {train['precision']}")
+        args += ["--precision", train["precision"]]
     if train["train_subset"] is not None:
-        args.append(f"--train-subset {train['train_subset']}")
+        args += ["--train-subset", train["train_subset"]]
     for name, value in sorted(train["overrides"].items()):
-        args.append(f"--override {shlex.quote(f'{name}={json.dumps(value)}')}")
-    return " ".join(args)
+        args += ["--override", f"{name}={json.dumps(value)}"]
+    return sh(*args)
 
 
 def expected_json(wildcards):

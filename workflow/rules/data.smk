@@ -12,7 +12,7 @@ rule download:
         f"{LOGS}/download/{{folder}}.log",
     params:
         dataset=lambda wildcards: {v: k for k, v in CIFAR_FOLDERS.items()}[wildcards.folder],
-        root=lambda wildcards, output: Path(output[0]).parent.parent,
+        root=lambda wildcards, output: sh(Path(output[0]).parent.parent),  # quoted: any path
     wildcard_constraints:
         folder="|".join(re.escape(f) for f in CIFAR_FOLDERS.values()),
     # on a cluster, where compute nodes often have no internet, the download runs on the
@@ -34,10 +34,10 @@ rule prepare:
         f"{LOGS}/prepare/{{name}}.log",
     params:
         dataset=lambda wildcards, output: PREPARED[output[0]],
-        root=lambda wildcards, output: Path(output[0]).parent.parent,
+        root=lambda wildcards, output: sh(Path(output[0]).parent.parent),  # quoted: any path
         size=(f"--image-size {config['train']['image_size']}"
               if config["train"]["image_size"] is not None else ""),
-        mirror=(f"--mirror {shlex.quote(config['train']['data_mirror'])}"
+        mirror=(f"--mirror {sh(config['train']['data_mirror'])}"
                 if config["train"]["data_mirror"] is not None else ""),
         # CIFAR comes from the download rule; Fashion-MNIST may still need its download
         no_download=lambda wildcards, output: "--no-download" if PREPARED[output[0]] in CIFAR_FOLDERS else "",

@@ -33,7 +33,10 @@ rule train:
         args=train_args,
         expected=expected_json,
         out=lambda wildcards, output: os.path.dirname(output[0]),
-    wildcard_constraints:
+    wildcard_constraints:  # the path's parts reach the shell command: the grid's values only
+        dataset="|".join(re.escape(d) for d in catalog.DATASETS),
+        arch=r"resnet\d+",
+        variant="|".join(re.escape(v) for v in catalog.VARIANTS),
         seed=r"\d+",
         tag=r"[A-Za-z0-9._+-]+",
     threads: config["resources"]["threads"]

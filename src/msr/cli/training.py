@@ -13,6 +13,8 @@ from msr.training import config
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     d = config.defaults()  # the one definition of a run's defaults (torch-free)
+    from msr.infra.gpu import DEFAULT_WAIT_S  # torch-free
+
     p = sub.add_parser(
         "train",
         help="train one run into a run directory",
@@ -52,6 +54,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(ids: $MSR_GPU_IDS, default every visible GPU; locks: $MSR_GPU_LOCK_DIR). 0 = off (default); "
         "ignored with --device cpu (see msr.infra.gpu)",
     )
+    p.add_argument(
+        "--gpu-wait", dest="gpu_wait", metavar="S",
+        help="with --gpu-slots: wait at most S seconds for a free slot, then fail naming the holders "
+        f"(default: $MSR_GPU_WAIT_S, else {DEFAULT_WAIT_S:g}; inf = no deadline)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("variants", help="list the registered variants")
@@ -69,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         opts.pop(key, None)
     progress = {"auto": None, "bar": True, "lines": False}[opts.pop("progress")]
     gpu_slots = opts.pop("gpu_slots")
+    gpu_wait = opts.pop("gpu_wait", None)
     try:
         values = load_config_file(opts.pop("config")) if "config" in opts else {}
         out = opts.pop("out", None) or values.pop("out", None)
@@ -83,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
             from msr.infra.gpu import claim_for_run
 
-            claim_for_run(gpu_slots, str(values.get("device", "auto")))
+            claim_for_run(gpu_slots, str(values.get("device", "auto")), wait_s=gpu_wait)
         cfg = RunConfig.from_dict(values)
         summary = train(cfg, out, progress=progress)
     except (ConfigError, RunDirError, DatasetError, OSError, ValueError, yaml.YAMLError) as e:

@@ -40,7 +40,10 @@ NoiseFactory = Callable[[], nn.Module]
 CLASSES = catalog.dataset("cifar10").num_classes
 CHANNELS = catalog.dataset("cifar10").channels
 
-VALID_DEPTHS_HINT = "depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)"
+# The deepest CIFAR ResNet of He et al. (2016), ResNet-1202 (19.4M parameters). A deeper one is
+# no part of this study, and a typo's depth (resnet600000002) would only exhaust memory.
+MAX_DEPTH = 1202
+VALID_DEPTHS_HINT = f"depth must be 6n+2 with n >= 1, at most {MAX_DEPTH} (8, 14, 20, 32, 44, 56, 110, ..., {MAX_DEPTH})"
 
 
 class GainConv2d(nn.Conv2d):
@@ -158,7 +161,7 @@ class ResNetBase(nn.Module):
 
 def _check_depth(depth: int) -> int:
     """Blocks per stage of a ResNet-(6n+2)."""
-    if depth < 8 or (depth - 2) % 6:
+    if not 8 <= depth <= MAX_DEPTH or (depth - 2) % 6:
         raise ValueError(f"invalid depth {depth}: {VALID_DEPTHS_HINT}")
     return (depth - 2) // 6
 
@@ -515,6 +518,6 @@ def parse_arch(arch: str) -> int:
     if not arch.startswith(prefix) or not arch[len(prefix):].isdigit():
         raise ValueError(f"unknown arch {arch!r}: expected 'resnetN' with N = 6n+2, e.g. resnet20")
     depth = int(arch[len(prefix):])
-    if depth < 8 or (depth - 2) % 6:
+    if not 8 <= depth <= MAX_DEPTH or (depth - 2) % 6:
         raise ValueError(f"unknown arch {arch!r}: {VALID_DEPTHS_HINT}")
     return depth

@@ -102,6 +102,8 @@ class VariantSpec:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
                 raise ValueError(f"variant {self.name!r}: {field}={value!r} must be a number in [{lo}, {hi}]")
+            if not math.isfinite(value):  # an unbounded field (lr, weight_decay, ...) would take inf
+                raise ValueError(f"variant {self.name!r}: {field}={value!r} must be a finite number")
 
         one_of("norm", ("bn", "none"))
         one_of("init", INITS)

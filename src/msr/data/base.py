@@ -27,6 +27,12 @@ class DatasetError(Exception):
     """
 
 
+class TooLarge(DatasetError):
+    """A file, download, or archive that is (or decompresses to) more bytes than the official
+    one: refused as soon as the limit is passed - never read whole into memory or onto disk
+    (a decompression bomb, or simply another file)."""
+
+
 @dataclass
 class Dataset:
     """One dataset's two splits as CPU uint8 images and int64 labels, plus how to feed them.

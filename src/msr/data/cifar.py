@@ -31,6 +31,9 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+# The archives' sizes: a download that grows past them is not the archive (fetch stops there).
+CIFAR10_BYTES = 170_498_071
+CIFAR100_BYTES = 169_001_437
 
 # docs/method.md: "ImageNet mean/std input normalization" for CIFAR (not CIFAR's own statistics).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -50,6 +53,18 @@ class Source:
     test_file: str
     label_key: str
     num_classes: int
+    archive_bytes: int
+    extracted_bytes: int
+
+
+def _extract_limit(name: str) -> int:
+    """The most an official archive can extract to: the pixels and a label per image that the
+    catalog counts, with half as much again for what the pickles add (file names, label lists)
+    and the small extra files - the official CIFAR-10 folder is 186 MB, a bomb many GB
+    (msr.data.fetch.extract_tar stops at this)."""
+    facts = catalog.DATASETS[name]
+    per_image = facts.channels * facts.native_size**2 + 1
+    return (facts.train_size + facts.test_size) * per_image * 3 // 2 + (1 << 20)
 
 
 def source(name: str) -> Source:
@@ -64,6 +79,8 @@ def source(name: str) -> Source:
             test_file="test_batch",
             label_key="labels",
             num_classes=catalog.DATASETS["cifar10"].num_classes,
+            archive_bytes=CIFAR10_BYTES,
+            extracted_bytes=_extract_limit("cifar10"),
         )
     if name == "cifar100":
         return Source(
@@ -75,6 +92,8 @@ def source(name: str) -> Source:
             test_file="test",
             label_key="fine_labels",
             num_classes=catalog.DATASETS["cifar100"].num_classes,
+            archive_bytes=CIFAR100_BYTES,
+            extracted_bytes=_extract_limit("cifar100"),
         )
     raise ValueError(f"not a CIFAR dataset: {name!r}")
 
@@ -161,7 +180,7 @@ class Cifar(DatasetSpec):
             else:
                 partial = stage.temp(archive)
                 try:
-                    fetch.fetch(src.url, partial)
+                    fetch.fetch(src.url, partial, max_bytes=src.archive_bytes)
                 except fetch.DownloadFailed as exc:
                     raise DatasetError(
                         f"{exc}; expected md5 {src.md5}. The partial file was deleted. Without "
@@ -174,7 +193,7 @@ class Cifar(DatasetSpec):
                         src.url, src.archive, f"expected md5 {src.md5}, got {actual}"
                     )
                 stage.commit()
-            fetch.extract_tar(archive, raw, src.folder)
+            fetch.extract_tar(archive, raw, src.folder, max_bytes=src.extracted_bytes)
 
 
 def _numpy_reconstruct() -> Any:

@@ -37,6 +37,7 @@ from msr.data.base import (
     DatasetError,
     DatasetSpec,
     InputPipeline,
+    TooLarge,
     histogram_stats,
     train_stats_pipeline,
 )
@@ -83,13 +84,24 @@ def official_sources() -> tuple[list[str], dict[str, str]]:
     return list(FashionMNIST.mirrors), dict(FashionMNIST.resources)
 
 
-def _content_md5(path: Path) -> tuple[int, str]:
-    """Byte count and md5 of a ``.gz`` file's decompressed content, streamed."""
+def gz_limit(name: str) -> int:
+    """The most bytes a ``.gz`` of ``name``'s official content can take: deflate grows
+    incompressible data by a few bytes per 16 KB block at most (zlib's deflateBound), plus the
+    gzip header - so anything larger is not that file, whatever it decompresses to."""
+    size = CONTENT[name][0]
+    return size + size // 256 + 65_536
+
+
+def _content_md5(path: Path, name: str) -> tuple[int, str]:
+    """Byte count and md5 of a ``.gz`` file's decompressed content, streamed and stopped one
+    byte past the official size (a bomb is never expanded: a count above the official size
+    means "more than that")."""
+    limit = CONTENT[name][0]
     h = hashlib.md5(usedforsecurity=False)
     n = 0
     try:
         with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
+            while n <= limit and (chunk := f.read(min(1 << 20, limit + 1 - n))):
                 h.update(chunk)
                 n += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
@@ -102,6 +114,9 @@ def _content_mismatch(name: str, got: tuple[int, str]) -> str | None:
     size, md5 = CONTENT[name]
     if got == (size, md5):
         return None
+    if got[0] > size:
+        return (f"expected {size} bytes with md5 {md5}, got more than {size} bytes (reading stopped "
+                f"there: another file, or a decompression bomb)")
     return f"expected {size} bytes with md5 {md5}, got {got[0]} bytes with md5 {got[1]}"
 
 
@@ -170,8 +185,15 @@ class FashionMNIST(DatasetSpec):
         return origin
 
     def _copy_from_mirror(self, source: Path, tmp: Path, name: str) -> str:
+        size = source.stat().st_size
+        if size > gz_limit(name):
+            raise TooLarge(
+                f"mirror file {source} is {size} bytes, more than any gzip of the official {name} "
+                f"({CONTENT[name][0]} bytes) can be; nothing was copied. Repair or remove the mirror "
+                f"copy, or pass another --mirror"
+            )
         shutil.copyfile(source, tmp)
-        problem = _content_mismatch(name, _content_md5(tmp))
+        problem = _content_mismatch(name, _content_md5(tmp, name))
         if problem:
             raise DatasetError(
                 f"mirror file {source} is not the official {name} content ({problem}); nothing "
@@ -186,7 +208,7 @@ class FashionMNIST(DatasetSpec):
         for base in mirrors:
             url = f"{base.rstrip('/')}/{archive}"
             try:
-                fetch.fetch(url, tmp)
+                fetch.fetch(url, tmp, max_bytes=gz_limit(name))
             except fetch.DownloadFailed as exc:
                 failures.append(str(exc))
                 continue
@@ -196,7 +218,7 @@ class FashionMNIST(DatasetSpec):
                 failures.append(str(fetch.download_mismatch(url, archive, detail)))
                 tmp.unlink(missing_ok=True)
                 continue
-            problem = _content_mismatch(name, _content_md5(tmp))
+            problem = _content_mismatch(name, _content_md5(tmp, name))
             if problem:
                 tmp.unlink(missing_ok=True)
                 failures.append(str(fetch.download_mismatch(url, f"{name} content", problem)))
@@ -226,7 +248,7 @@ class FashionMNIST(DatasetSpec):
             contents = {}
             for name in (images_name, labels_name):
                 path = folder / f"{name}.gz"
-                content = idx.read_gz(path)
+                content = idx.read_gz(path, max_bytes=CONTENT[name][0])  # streamed, capped
                 got = (len(content), hashlib.md5(content, usedforsecurity=False).hexdigest())
                 problem = _content_mismatch(name, got)
                 if problem:

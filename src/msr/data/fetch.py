@@ -24,6 +24,7 @@ public function of the package's API.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -40,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from msr.data.base import DatasetError
+from msr.data.base import DatasetError, TooLarge
 
 # Read at call time (tests shorten them).
 TIMEOUT_S = 60.0  # per socket operation (connect, each read): "no byte for a minute" = dead
@@ -255,14 +256,18 @@ def _transient(url: str, exc: BaseException) -> bool:
     return isinstance(exc, (TimeoutError, ConnectionError, _ShortRead, http.client.HTTPException))
 
 
-def _fetch_once(url: str, dest: Path, timeout: float) -> None:
+def _fetch_once(url: str, dest: Path, timeout: float, max_bytes: int | None) -> None:
     from torchvision.datasets.utils import USER_AGENT
     from tqdm import tqdm
 
+    limit = math.inf if max_bytes is None else max_bytes
+    too_large = f"more than {max_bytes} bytes, the most the file asked for can be"
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         # http.client counts Content-Length down as it reads; file:// responses have none
         expected = getattr(response, "length", None)
+        if expected is not None and expected > limit:
+            raise TooLarge(f"the server announces {expected} bytes: {too_large}")
         with dest.open("wb") as out, tqdm(
             total=expected,
             unit="B",
@@ -275,8 +280,10 @@ def _fetch_once(url: str, dest: Path, timeout: float) -> None:
             # read1: whatever has arrived (up to a chunk), so the file grows as data come in
             read = getattr(response, "read1", response.read)
             while chunk := read(_CHUNK):
-                out.write(chunk)
                 received += len(chunk)
+                if received > limit:  # a server that sends on and on never fills the disk
+                    raise TooLarge(f"the server sent {too_large}")
+                out.write(chunk)
                 bar.update(len(chunk))
         missing = getattr(response, "length", None)
         if expected is not None and missing:
@@ -291,12 +298,14 @@ def fetch(
     timeout: float | None = None,
     tries: int | None = None,
     backoff: float | None = None,
+    max_bytes: int | None = None,
 ) -> None:
     """Download ``url`` (http, https or file) to ``dest``; raise :class:`DownloadFailed`.
 
     ``dest`` should be a :meth:`Staging.temp` path: it is overwritten on each try and deleted
     when all tries fail. Transient failures (see :func:`_transient`) are retried up to
-    ``tries`` times in all; each socket operation gives up after ``timeout`` seconds.
+    ``tries`` times in all; each socket operation gives up after ``timeout`` seconds. More than
+    ``max_bytes`` (the largest the expected file can be) fails at once, without a retry.
     """
     dest = Path(dest)
     timeout = TIMEOUT_S if timeout is None else float(timeout)
@@ -308,7 +317,7 @@ def fetch(
     try:
         for attempt in range(1, tries + 1):
             try:
-                _fetch_once(url, dest, timeout)
+                _fetch_once(url, dest, timeout, max_bytes)
                 return
             except Exception as exc:
                 dest.unlink(missing_ok=True)
@@ -331,16 +340,33 @@ def fetch(
 # --------------------------------------------------------------------------------------------
 
 
-def extract_tar(archive: Path, raw: Path, folder: str) -> None:
+def extract_tar(archive: Path, raw: Path, folder: str, *, max_bytes: int) -> None:
     """Extract into a temp folder next to the target, then move ``folder`` into place.
 
-    ``filter="data"`` refuses absolute paths, ``..`` and links out of the tree.
+    Only regular files and folders are extracted, through Python's ``data`` filter (which refuses
+    absolute paths, ``..``, links and device files), and no more than ``max_bytes`` in all
+    (counted from the member headers before each is written): a :class:`TooLarge` error
+    otherwise. On any error the temp folder goes, so nothing is left behind.
     """
+    written = 0
+
+    def only_files(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        nonlocal written
+        member = tarfile.data_filter(member, dest)
+        if not (member.isfile() or member.isdir()):
+            kind = "a link" if member.issym() or member.islnk() else "a special file"
+            raise DatasetError(f"{archive}: member {member.name!r} is {kind}; an official archive holds only files and folders")
+        written += member.size if member.isfile() else 0
+        if written > max_bytes:
+            raise TooLarge(f"{archive}: extracts to more than {max_bytes} bytes, more than the official "
+                           f"archive holds; stopped at member {member.name!r} and removed what was extracted")
+        return member
+
     tmp = Path(tempfile.mkdtemp(dir=raw, prefix=".extract-"))
     try:
         try:
             with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(tmp, filter="data")
+                tar.extractall(tmp, filter=only_files)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DatasetError(f"{archive}: cannot extract ({exc})") from exc
         if not (tmp / folder).is_dir():

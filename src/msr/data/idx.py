@@ -17,20 +17,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msr.data.base import DatasetError
+from msr.data.base import DatasetError, TooLarge
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 _KIND = {IMAGES_MAGIC: "images (ubyte, 3 dims)", LABELS_MAGIC: "labels (ubyte, 1 dim)"}
 
 
-def read_gz(path: Path) -> bytes:
-    """The decompressed content of a ``.gz`` file; a corrupt or cut archive is a DatasetError."""
+_CHUNK = 1 << 20
+
+
+def read_gz(path: Path, *, max_bytes: int) -> bytes:
+    """The decompressed content of a ``.gz`` file, streamed and never beyond ``max_bytes`` (the
+    official file's size): more is a :class:`~msr.data.base.TooLarge` error as soon as the limit
+    is passed, so a gzip bomb costs ``max_bytes`` of memory, not what it expands to. A corrupt
+    or cut archive is a DatasetError."""
+    out = bytearray()
     try:
         with gzip.open(path, "rb") as f:
-            return f.read()
+            # one byte past the limit is enough to know the content is too large
+            while chunk := f.read(min(_CHUNK, max_bytes + 1 - len(out))):
+                out += chunk
+                if len(out) > max_bytes:
+                    raise TooLarge(
+                        f"{path}: decompresses to more than {max_bytes} bytes, the size of the file it "
+                        f"should be; stopped reading there (another file, or a decompression bomb): "
+                        f"delete it or replace it with a good copy"
+                    )
     except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path}: not a readable gzip file ({exc})") from exc
+    return bytes(out)
 
 
 def _header(data: bytes, where: str, magic: int) -> list[int]:

@@ -13,12 +13,44 @@ that runs ``msr train`` exactly as a fresh process would, and the client exits w
 process's exit status. Without the variable, or with no server answering, ``msr train`` runs in
 its own process as always - the results are bitwise the same either way (tests/test_prefork.py).
 
-Process layout, all single-threaded (forking a multi-threaded process is unsafe):
+Process layout:
 
     msr prefork ── command (snakemake) ── ... ── client (`msr train`, no torch)
          └─ server (torch imported, never runs a torch op)
                └─ handler per client: forks the job, relays its exit status, relays a stop
                      └─ job: the real `msr train`, on the client's fds, cwd and environment
+
+Forking a process that has threads copies only the forking thread; a lock another thread held
+at that moment stays locked forever in the child. The server is not single-threaded: numpy's
+OpenBLAS starts its worker pool when imported (cores - 1 idle threads; measured: 2 threads on
+a 2-core machine). Forking it is safe anyway because (1) the server's own code runs in one
+thread and starts none, so no Python-level lock is held elsewhere at a fork; (2) OpenBLAS
+registers ``pthread_atfork`` handlers and starts a fresh pool in the child at its first BLAS
+call (measured: a job has 1 thread right after the fork and 2 after a matmul); (3) torch starts
+its intra-op and inter-op pools lazily, at the first parallel op - the server runs none - and
+CUDA is never initialized in the server. The remaining risk is a library that starts a thread
+at import which holds a C-level lock (malloc's, for one) at the instant of a fork; the job would
+then hang at its first use of that lock. Runs through the server are checked bitwise against
+fresh processes (tests/test_prefork.py); ``make run PREFORK=`` turns the server off.
+
+Trust and failure, written as if another local user were hostile:
+- The socket lives in a fresh ``0700`` folder (``tempfile.TemporaryDirectory``). The server
+  also checks every connection's peer credentials (``SO_PEERCRED``) and refuses other users'
+  processes; the client checks that the server runs as its own user before it hands over its
+  standard streams.
+- A client never waits forever: connecting and the greeting of the handler the server forks
+  for it are bounded by ``MSR_PREFORK_TIMEOUT_S`` (default :data:`TIMEOUT_S`); past it - a
+  stopped (``SIGSTOP``) or overloaded server - the client says so and runs ``msr train`` in its
+  own process. It sends its request (and its standard streams) only after the greeting, so a
+  server that wakes up late finds nothing to run, and holds none of the client's streams
+  meanwhile (a parent reading them would otherwise wait for the server too). Once the job runs,
+  the client watches the job's process as well: if it ends and its status does not follow
+  within the timeout (a stopped handler), the client fails with a message instead of waiting.
+- The fork server is for jobs on this host. Under a cluster executor (SLURM) the workflow drops
+  ``MSR_PREFORK_SOCKET`` before submitting jobs (and ``make run`` starts no server); as a second
+  guard, a client inside a scheduler allocation (``SLURM_JOB_ID``, ``PBS_JOBID``, ``LSB_JOBID``)
+  refuses a server that does not run inside that same allocation, so a cluster job never trains
+  on the submitting host, outside its allocation.
 
 A client that receives SIGTERM/SIGINT/SIGHUP asks its handler to SIGTERM the job and waits for
 its end; a client killed outright (SIGKILL) closes its socket, and the handler then stops the
@@ -28,6 +60,7 @@ job too, so a run directory never has a writer its Snakemake job no longer knows
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import signal
@@ -41,38 +74,126 @@ from collections.abc import Callable
 from pathlib import Path
 
 ENV = "MSR_PREFORK_SOCKET"
+ENV_TIMEOUT = "MSR_PREFORK_TIMEOUT_S"
+# The scheduler allocation `msr prefork` (and so its server) runs in, as _allocation() writes it;
+# set by run_with_server for the command's jobs ("" = none).
+ENV_ALLOCATION = "MSR_PREFORK_ALLOCATION"
+SCHEDULER_JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
+TIMEOUT_S = 30.0  # connect, acknowledge, relay a status: each far below 1 s when all is well
 _HEADER = struct.Struct("!I")  # length of the JSON request that follows the file descriptors
 _STATUS = struct.Struct("!i")  # the job's exit code (negative: killed by that signal)
+_PID = struct.Struct("!i")  # the job's pid, sent once it is forked
+_ACCEPT = b"A"  # handler -> client: a handler is alive for you; send the request
+_REFUSE = b"R"  # server -> client: not for you (another user); followed by a reason
 _STOP = b"T"  # client -> handler: stop the job (the client got a termination signal)
+MAX_REQUEST = 16 << 20  # bytes of argv + cwd + environment; far above any real one
 KILL_GRACE_S = 20.0  # SIGTERM, then SIGKILL after this long if the job is still alive
 STARTUP_TIMEOUT_S = 120.0
+
+
+def timeout_from_env() -> float:
+    value = os.environ.get(ENV_TIMEOUT, "").strip()
+    try:
+        seconds = float(value) if value else TIMEOUT_S
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        print(f"msr: {ENV_TIMEOUT}={value!r} is not a number of seconds > 0; using {TIMEOUT_S:g}", file=sys.stderr)
+        return TIMEOUT_S
+    return seconds
+
+
+def _allocation(env) -> str:
+    """The scheduler allocation ``env`` belongs to, e.g. ``SLURM_JOB_ID=123``; "" for none."""
+    return ",".join(f"{var}={env[var]}" for var in SCHEDULER_JOB_VARS if env.get(var))
+
+
+def _peer_uid(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
+    creds = struct.Struct("3i")
+    pid, uid, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+    return pid, uid
 
 
 # --------------------------------------------------------------------------- client side
 def delegate(argv: list[str]) -> int | None:
     """Run ``msr <argv>`` in a process forked by the server; its exit code, or None when no
-    server answers (the caller then runs the command itself)."""
+    server can take it (the caller then runs the command itself, as it would without one)."""
     path = os.environ.get(ENV)
     if not path:
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as err:
-        sock.close()
-        print(f"msr: no prefork server at {path} ({err.strerror}); running in this process", file=sys.stderr)
-        return None
-    env = {k: v for k, v in os.environ.items() if k != ENV}  # the job must not delegate again
-    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}).encode()
-    streams = [_open_fd(fd) for fd in (0, 1, 2)]
-    try:
-        socket.send_fds(sock, [_HEADER.pack(len(request))], streams)
-        sock.sendall(request)
-    finally:
-        for fd, own in zip(streams, (0, 1, 2), strict=True):
-            if fd != own:
-                os.close(fd)
 
+    def fallback(why: str) -> None:
+        print(f"msr: {why}; running in this process", file=sys.stderr, flush=True)
+
+    mine = _allocation(os.environ)
+    if mine and os.environ.get(ENV_ALLOCATION) != mine:
+        fallback(f"not using the prefork server at {path}: this job runs in the scheduler allocation "
+                 f"{mine} and the server outside it (it would train outside the allocation)")
+        return None
+    timeout = timeout_from_env()
+    try:
+        sock = _connect(path, timeout)
+    except OSError as err:
+        fallback(f"no prefork server at {path} ({err.strerror or err})")
+        return None
+    with sock:
+        _, server_uid = _peer_uid(sock)
+        if server_uid != os.getuid():
+            fallback(f"the prefork server at {path} runs as uid {server_uid}, not as you (uid {os.getuid()}): not using it")
+            return None
+        try:
+            answer = _recv_exact(sock, 1)
+        except OSError as err:  # TimeoutError and ConnectionError are OSErrors
+            fallback(f"the prefork server at {path} did not answer within {timeout:g} s "
+                     f"({'stopped or overloaded?' if isinstance(err, TimeoutError) else err})")
+            return None
+        if answer != _ACCEPT:
+            reason = sock.recv(1000).decode(errors="replace").strip() if answer == _REFUSE else f"answer {answer!r}"
+            fallback(f"the prefork server at {path} refused the run ({reason})")
+            return None
+        # From here on the run is the server's: a failure is reported, never run a second time here.
+        env = {k: v for k, v in os.environ.items() if k not in (ENV, ENV_ALLOCATION)}  # the job must not delegate again
+        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}).encode()
+        streams = [_open_fd(fd) for fd in (0, 1, 2)]
+        try:
+            socket.send_fds(sock, [_HEADER.pack(len(request))], streams)
+            sock.sendall(request)
+            job = _PID.unpack(_recv_exact(sock, _PID.size))[0]
+        except OSError as err:
+            print(f"msr: the prefork server at {path} did not start the run within {timeout:g} s ({err}); "
+                  "the run failed (run it again)", file=sys.stderr)
+            return 1
+        finally:
+            for fd, own in zip(streams, (0, 1, 2), strict=True):
+                if fd != own:
+                    os.close(fd)
+        return _wait_for_job(sock, job, timeout)
+
+
+def _connect(path: str, timeout: float) -> socket.socket:
+    """A connected socket; a full listen backlog (EAGAIN) is retried until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server's queue stayed full for {timeout:g} s") from None
+            time.sleep(0.05)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _wait_for_job(sock: socket.socket, job: int, timeout: float) -> int:
+    """The job's exit code, relayed by its handler. Forwards one stop request on
+    SIGTERM/SIGINT/SIGHUP. Waits as long as the job runs (a run takes what it takes), but no
+    longer than ``timeout`` after the job's process has ended."""
     stop_sent = False
 
     def stop(signum, frame):  # forward the stop once; the job's own exit status then follows
@@ -86,16 +207,33 @@ def delegate(argv: list[str]) -> int | None:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
-    data = b""
-    while len(data) < _STATUS.size:
-        try:
-            chunk = sock.recv(_STATUS.size - len(data))
-        except InterruptedError:  # pragma: no cover - PEP 475 retries recv for us
-            continue
-        if not chunk:
-            print("msr: the prefork server went away before the run ended", file=sys.stderr)
-            return 1
-        data += chunk
+    try:
+        ended = os.pidfd_open(job)  # readable once the job has exited (reaped or not)
+    except OSError:  # already gone: its status is on its way (or the handler is gone too)
+        ended = None
+    try:
+        data = b""
+        deadline = None if ended is not None else time.monotonic() + timeout
+        sock.setblocking(False)
+        while len(data) < _STATUS.size:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                print(f"msr: the prefork job {job} ended but its server did not report how within "
+                      f"{timeout:g} s (a stopped server?); the run failed", file=sys.stderr)
+                return 1
+            watch = [sock] if deadline is not None else [sock, ended]
+            ready, _, _ = select.select(watch, [], [], left)
+            if sock in ready:
+                chunk = sock.recv(_STATUS.size - len(data))
+                if not chunk:
+                    print("msr: the prefork server went away before the run ended", file=sys.stderr)
+                    return 1
+                data += chunk
+            elif ready:  # the job has ended: its status should follow at once
+                deadline = time.monotonic() + timeout
+    finally:
+        if ended is not None:
+            os.close(ended)
     code = _STATUS.unpack(data)[0]
     return 128 - code if code < 0 else code
 
@@ -135,6 +273,9 @@ def serve(path: str, job: Callable[[list[str]], int]) -> None:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
+            if not admit(conn):
+                conn.close()
+                continue
             sys.stdout.flush()
             sys.stderr.flush()
             if os.fork() == 0:
@@ -151,28 +292,59 @@ def serve(path: str, job: Callable[[list[str]], int]) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def admit(conn: socket.socket) -> bool:
+    """Whether the client is a process of this server's user (``SO_PEERCRED``); another user's
+    is told why and refused - it would otherwise run code as this user, on its own streams."""
+    pid, uid = _peer_uid(conn)
+    if uid == os.getuid():
+        return True
+    reason = f"the server runs as uid {os.getuid()} and serves only that user, not uid {uid}"
+    print(f"msr prefork: refused a client (pid {pid}, uid {uid}): {reason}", file=sys.stderr, flush=True)
+    try:
+        conn.settimeout(1.0)
+        conn.sendall(_REFUSE + reason.encode())
+    except OSError:
+        pass
+    return False
+
+
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = conn.recv(n - len(data))
         if not chunk:
-            raise ConnectionError("client closed the connection mid-request")
+            raise ConnectionError("the other end closed the connection mid-message")
         data += chunk
     return data
 
 
 def _handle(conn: socket.socket, job: Callable[[list[str]], int]) -> None:
-    conn.settimeout(None)
-    header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
-    if len(header) < _HEADER.size or len(fds) != 3:
+    # a client that sends nothing does not hold a handler for long
+    conn.settimeout(timeout_from_env())
+    fds: list[int] = []
+    try:
+        conn.sendall(_ACCEPT)
+        header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+        size = _HEADER.unpack(header)[0] if len(header) == _HEADER.size else -1
+        if len(fds) != 3 or not 0 < size <= MAX_REQUEST:
+            raise ValueError(f"a malformed request ({len(fds)} streams, {size} bytes)")
+        request = json.loads(_recv_exact(conn, size))
+    except (OSError, ValueError):  # ConnectionError and TimeoutError are OSErrors
+        # the client gave up (it runs the job itself), is gone, or sent no valid request
+        for fd in fds:
+            os.close(fd)
         return
-    request = json.loads(_recv_exact(conn, _HEADER.unpack(header)[0]))
+    conn.settimeout(None)
     pid = os.fork()
     if pid == 0:
         conn.close()
         _run_job(request, fds, job)  # never returns
     for fd in fds:
         os.close(fd)
+    try:
+        conn.sendall(_PID.pack(pid))
+    except OSError:
+        pass  # the client is gone: the loop below sees EOF and stops the job
     pidfd = os.pidfd_open(pid)
     watch, deadline = [conn, pidfd], None
     while True:
@@ -238,7 +410,8 @@ def _run_job(request: dict, fds: list[int], job: Callable[[list[str]], int]) -> 
 
 # --------------------------------------------------------------------------- msr prefork -- CMD
 def run_with_server(command: list[str], socket_dir: str | None = None) -> int:
-    """Start a server, run ``command`` with ``MSR_PREFORK_SOCKET`` set, stop the server."""
+    """Start a server, run ``command`` with ``MSR_PREFORK_SOCKET`` (and ``MSR_PREFORK_ALLOCATION``)
+    set, stop the server."""
     with tempfile.TemporaryDirectory(prefix="msr-prefork-", dir=socket_dir) as folder:
         path = os.path.join(folder, "server.sock")
         server = subprocess.Popen([sys.executable, "-m", "msr", "prefork", "--serve", path])
@@ -254,7 +427,9 @@ def run_with_server(command: list[str], socket_dir: str | None = None) -> int:
                           f"{STARTUP_TIMEOUT_S:.0f} s; running without it", file=sys.stderr)
                     return subprocess.call(command)
                 time.sleep(0.05)
-            child = subprocess.Popen(command, env={**os.environ, ENV: path})
+            # ENV_ALLOCATION: where the server runs, so a job elsewhere (a cluster job that
+            # inherited this environment) knows the server is not in its allocation
+            child = subprocess.Popen(command, env={**os.environ, ENV: path, ENV_ALLOCATION: _allocation(os.environ)})
 
             def forward(signum, frame):
                 child.send_signal(signum)

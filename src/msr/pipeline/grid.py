@@ -3,12 +3,15 @@
 workflow/rules/common.smk calls this module while Snakemake parses the workflow, so every
 problem here stops the pipeline before any job, with one line that names the config key:
 
-- :func:`check_config` - what JSON schema cannot say: list items that ``--config`` turned into
-  strings, a sweep with values but no variants (or the reverse), ``train.overrides`` that
-  msr's own variant validation rejects for a variant of the grid, a ``train.train_subset``
-  outside a dataset's training set (msr.catalog's rule), a batch size larger than a dataset's
-  training set (``train.epochs`` / ``train.batch_size`` null: each dataset's own, from
-  msr.catalog - :func:`per_dataset`);
+- :func:`check_types` (before the schema) - list items that ``--config`` turned into strings,
+  and NaN or infinity anywhere (YAML floats that pass the schema's bounds);
+- :func:`check_config` - what JSON schema cannot say: a sweep with values but no variants (or
+  the reverse), ``train.overrides`` that msr's own variant validation rejects for a variant of
+  the grid, a ``train.train_subset`` outside a dataset's training set (msr.catalog's rule), a
+  batch size larger than a dataset's training set (``train.epochs`` / ``train.batch_size``
+  null: each dataset's own, from msr.catalog - :func:`per_dataset`);
+- :func:`check_set_name` - a config that changes the default study but kept its set name
+  (a config file without ``name:`` inherits the default's) would overwrite the default set;
 - :func:`build_grid` - every run of the config (main grid, then each sweep), refusing two
   sweep values that would share one run directory (0.8 and 0.8000001 both give ``lr0.8``).
 
@@ -90,7 +93,12 @@ def _sweep_axis(cfg: Mapping[str, Any], sweep: Mapping[str, Any], axis: str) -> 
 
 def check_types(cfg: Mapping[str, Any]) -> None:
     """``--config seeds=[0,1]`` gives the strings '0' and '1' (Snakemake parses only the
-    top-level value): say so, instead of the schema's "'0' is not of type 'integer'"."""
+    top-level value): say so, instead of the schema's "'0' is not of type 'integer'". And
+    every number must be finite: YAML's ``.nan`` and ``.inf`` are floats that pass the schema's
+    bounds (NaN compares false with everything), and would fail only inside a job."""
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise GridError(f"config {key}={value!r}: not a finite number (NaN and infinity are not valid settings)")
     lists = {"seeds": cfg.get("seeds")}
     for name, sweep in (cfg.get("sweeps") or {}).items():
         if isinstance(sweep, Mapping):
@@ -102,6 +110,17 @@ def check_types(cfg: Mapping[str, Any]) -> None:
                 f"config {key}={values!r}: the items are strings, not numbers (`--config` passes "
                 f"list items as text); put the list in a YAML file and pass it with --configfile"
             )
+
+
+def _numbers(value: Any, key: str = "") -> list[tuple[str, float]]:
+    """Every float in a config, with its dotted key (list items as key[i])."""
+    if isinstance(value, float):
+        return [(key, value)]
+    if isinstance(value, Mapping):
+        return [n for k, v in value.items() for n in _numbers(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, list | tuple):
+        return [n for i, v in enumerate(value) for n in _numbers(v, f"{key}[{i}]")]
+    return []
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
@@ -151,6 +170,38 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         if name == "batch_size":
             for value in sweep["values"]:
                 check_batch("sweeps.batch_size.values", int(value), datasets)
+
+
+# Where the data live and what a job may use: they change no result, so a config that differs
+# from the default only there is still the default study.
+_NOT_THE_STUDY = {"resources", "train.data_root", "train.data_mirror"}
+
+
+def check_set_name(cfg: Mapping[str, Any], default: Mapping[str, Any], default_file: str) -> None:
+    """A config that is not the default study must not write into the default study's set.
+
+    Snakemake overlays every config file on ``default_file``, so a file without ``name:``
+    inherits the default's - and its runs and figures would replace that set's committed ones
+    (figures/digits). ``cfg`` and ``default`` are both validated (defaults filled in)."""
+    if cfg["name"] != default["name"]:
+        return
+    changed = _changed_keys(cfg, default)
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise GridError(
+            f"config name={cfg['name']!r} is the set of {default_file}, but this config changes "
+            f"{shown}: its runs and figures would replace that set's. Give it its own set: "
+            f"`name: my-study` in your config file (or --config name=my-study)"
+        )
+
+
+def _changed_keys(a: Any, b: Any, key: str = "") -> list[str]:
+    if key in _NOT_THE_STUDY:
+        return []
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys = list(a) + [k for k in b if k not in a]
+        return [c for k in keys for c in _changed_keys(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if a == b else [key]
 
 
 # ------------------------------------------------------------------------------ the grid
