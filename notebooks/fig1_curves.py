@@ -57,11 +57,13 @@ variants = figures.ordered_variants(snakemake.params.variants)
 base = runs[(runs["sweep"] == "base") & runs["variant"].isin(variants)] if not runs.empty else runs
 base = figures.with_outcomes(base, num_classes)
 curves = curves[curves["run_id"].isin(base["run_id"])] if not base.empty else curves.iloc[0:0]
+# epochs a run did not evaluate (train.eval_every) hold NaN: the curves join the evaluated ones
+curves = curves[curves["test_acc"].notna()]
 
 # %%
 pairs = figures.panels(base)
 facets = figures.curve_facets([v for v in variants if v in set(base["variant"])]) if pairs else []
-marker = "o" if curves.empty or curves["epoch"].max() <= 30 else None  # short runs: show the points
+marker = "o" if curves.empty or curves["epoch"].nunique() <= 30 else None  # few evaluations: show them
 ncols, nrows = max(1, len(facets)), 2 * max(1, len(pairs))
 fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.5, 3.3 * ncols), 3.2 * nrows), squeeze=False,
                          layout="constrained")

@@ -238,3 +238,28 @@ def test_dataset_dependent_defaults():
     assert (cifar.epochs, cifar.batch_size) == (200, 128)  # the paper's recipe
     digits = RunConfig.from_dict({"dataset": "digits", "epochs": 3})
     assert (digits.epochs, digits.batch_size) == (3, 32)
+
+
+def test_eval_every_skips_evaluations_and_changes_nothing_else(tmp_path):
+    """--eval-every E: the test set and the clean train subset are evaluated after epochs E, 2E,
+    ... and the last; skipped epochs hold NaN. Evaluation draws no random number and moves no
+    weight, so training, the final numbers and resume are those of a run evaluated every epoch."""
+    every = train(tiny(tmp_path, epochs=4), tmp_path / "every", log=quiet)
+    sparse_cfg = tiny(tmp_path, epochs=4, eval_every=3)
+    train(sparse_cfg, tmp_path / "sparse", log=quiet, stop_after_epoch=2)  # killed after epoch 2
+    sparse = train(sparse_cfg, tmp_path / "sparse", log=quiet)  # resumed
+    a, b = read_csv(tmp_path / "every" / "metrics.csv"), read_csv(tmp_path / "sparse" / "metrics.csv")
+    evaluated = ("test_loss", "test_acc", "clean_train_loss", "clean_train_acc")
+    for ra, rb in zip(a, b, strict=True):
+        for column in METRIC_COLUMNS:
+            if column in ("seconds", "images_per_s"):
+                continue
+            if column in evaluated and rb["epoch"] in ("1", "2"):
+                assert rb[column] == "nan", (rb["epoch"], column)
+            else:
+                assert ra[column] == rb[column], (rb["epoch"], column)
+    for key in ("status", "final_test_acc", "final_clean_train_acc", "steps"):
+        assert sparse[key] == every[key]
+    assert sparse["best_test_acc"] == max(float(r["test_acc"]) for r in a if r["epoch"] in ("3", "4"))
+    with pytest.raises(ConfigError, match="eval_every"):
+        tiny(tmp_path, eval_every=0)

@@ -186,6 +186,8 @@ def train_args(wildcards):
         args += ["--noise-delta", repr(run.noise_delta)]
     if train["image_size"] is not None:
         args += ["--image-size", train["image_size"]]
+    if train["eval_every"] is not None:
+        args += ["--eval-every", train["eval_every"]]
     if train["precision"] != "auto":
         args += ["--precision", train["precision"]]
     if train["train_subset"] is not None:

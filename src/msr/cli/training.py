@@ -46,6 +46,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--probe-every", dest="probe_every", type=int, help=f"steps between probes (default {d['probe_every']})")
+    p.add_argument("--eval-every", dest="eval_every", type=int, metavar="E",
+                   help="evaluate the test set and the clean train subset every E epochs and after the last "
+                        "(default: every epoch; skipped epochs record NaN)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="set a variant field, e.g. lam=0.5 (repeatable)")
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto", help="progress bar on a terminal, epoch lines otherwise")
     p.add_argument(

@@ -61,6 +61,10 @@ class RunConfig:
     probe_every: int = 50  # steps between probes (also at step 0 and every epoch end)
     probe_batch: int = 256
     eval_batch_size: int = 1000
+    # evaluate (test set and clean train subset) after every this many epochs and after the
+    # last; None: after every epoch. Evaluation draws no random numbers and changes no weight,
+    # so it changes nothing else a run records: metrics.csv holds NaN where it was skipped
+    eval_every: int | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -124,6 +128,8 @@ class RunConfig:
         need(is_int(self.probe_every) and self.probe_every >= 1, "probe_every", "must be an integer >= 1")
         need(is_int(self.probe_batch) and self.probe_batch >= 1, "probe_batch", "must be an integer >= 1")
         need(is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "eval_batch_size", "must be an integer >= 1")
+        need(self.eval_every is None or (is_int(self.eval_every) and self.eval_every >= 1), "eval_every",
+             "must be an integer >= 1 (epochs between evaluations) or null (every epoch)")
         try:
             get_spec(self.variant, **self.variant_overrides())
         except ValueError as e:

@@ -134,8 +134,11 @@ def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop
             log(f"epoch {epoch}: loss became non-finite at step {diverged_at}: run diverged")
             break
         train_time = time.perf_counter() - t0
-        test_loss, test_acc = run.evaluate(run.test_loader)
-        clean_loss, clean_acc = run.evaluate(run.clean_train_loader)
+        if cfg.eval_every is None or epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            test_loss, test_acc = run.evaluate(run.test_loader)
+            clean_loss, clean_acc = run.evaluate(run.clean_train_loader)
+        else:  # skipped (eval_every): recorded as NaN, never as a number
+            test_loss = test_acc = clean_loss = clean_acc = math.nan
         run.epoch = epoch
         if run.probes and run.probes[-1][0] != run.step:
             run.probe()  # the grad norm is measured at probe steps only, never carried over

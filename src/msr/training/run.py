@@ -251,7 +251,8 @@ class Run:
         if status == "completed" and (last is None or not math.isfinite(last["test_acc"])):
             # never write a completed run without a headline (it would be averaged as one)
             raise damaged(self.out / METRICS, f"no finite final test accuracy for a completed run of {self.epoch} epochs")
-        best = max(self.metrics, key=lambda m: m["test_acc"]) if self.metrics else None
+        evaluated = [m for m in self.metrics if math.isfinite(m["test_acc"])]  # eval_every skips some
+        best = max(evaluated, key=lambda m: m["test_acc"]) if evaluated else None
         mem, mem_kind = peak_memory_mb(self.device)
         return {
             "status": status,
