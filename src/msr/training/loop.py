@@ -28,13 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from msr import atomic
 from msr.training.config import RunConfig
 from msr.training.existing import already_complete, check_existing
-from msr.training.probes import grad_norm
 from msr.training.run import Run
 from msr.training.rundir import CONFIG, SUMMARY, RunDirError, RunLock
 
@@ -82,8 +80,8 @@ def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop
     cfg_str = f"{cfg.dataset}/{cfg.arch}/{cfg.variant} seed {cfg.seed} on {run.device} ({run.threads} threads, {run.precision})"
     log(f"training {cfg_str}: {cfg.epochs} epochs x {len(run.train_loader)} steps, lr {run.base_lr}")
     show_bar = sys.stderr.isatty() if progress is None else progress
-    model, opt, variant, scaler = run.model, run.optimizer, run.variant, run.scaler
-    params = list(model.parameters())
+    opt = run.optimizer
+    step = run.make_step()  # forward, loss, backward, the variant's hook, update (msr.training.step)
     status, diverged_at = "completed", None
     wall_start = time.perf_counter() - run.wall_seconds
     # on CUDA a host sync per step costs throughput: find the first non-finite loss on the
@@ -94,7 +92,7 @@ def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop
         epoch = run.epoch + 1
         run.train_loader.set_epoch(epoch)
         epoch_lr = opt.param_groups[0]["lr"]
-        model.train()
+        run.model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=run.device)
         correct = torch.zeros((), device=run.device, dtype=torch.long)
@@ -102,28 +100,19 @@ def _train_locked(cfg: RunConfig, out: Path, *, log, progress: bool | None, stop
         first_bad = torch.full((), -1, device=run.device, dtype=torch.long)
         bar = tqdm(run.train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not show_bar, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
-            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                logits = run.forward(x)
-                loss = F.cross_entropy(logits.float(), y)
-            total = loss + variant.extra_loss()
-            bad = ~torch.isfinite(total)
-            first_bad = torch.where((first_bad < 0) & bad, run.step + 1, first_bad)
+            probing = (run.step + 1) % cfg.probe_every == 0
+            res = step(x, y, inspect=probing)  # inspected: the grad norm of the update it applied
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(res.total), run.step + 1, first_bad)
             if (i + 1) % check_every == 0 and first_bad.item() >= 0:
+                # the diverged step was applied, but nothing records it: only finished epochs
+                # are written, and the model is never saved again
                 break
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.unscale_(opt)  # no-op unless fp16: the projection must see true gradients
-            variant.after_backward()
             run.step += 1
-            probing = run.step % cfg.probe_every == 0
-            gn = grad_norm(params) if probing else None  # of the gradient this step applies
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            loss_sum += res.loss * len(y)
+            correct += (res.logits.argmax(1) == y).sum()
             seen += len(y)
             if probing:
-                run.probe(gn)
+                run.probe(res.inspected)
         bar.close()
         if first_bad.item() >= 0:
             status, diverged_at = "diverged", int(first_bad.item())

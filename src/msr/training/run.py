@@ -23,7 +23,7 @@ from msr.core.models import parse_arch
 from msr.core.variants import Variant, build
 from msr.machine import machine_record
 from msr.training.config import ConfigError, RunConfig
-from msr.training.probes import Prober
+from msr.training.probes import Prober, grad_norm
 from msr.training.rundir import (
     CHECKPOINT,
     METRIC_COLUMNS,
@@ -36,6 +36,7 @@ from msr.training.rundir import (
     read_probes,
     span,
 )
+from msr.training.step import OneModel, TrainStep
 
 # Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
 # the first min(N, 1000) training images in their stored order - eval mode, no augmentation,
@@ -294,6 +295,14 @@ class Run:
         self.model.train()
         n = loader.num_samples
         return loss_sum.item() / n, correct.item() / n
+
+    # ---- the step
+    def make_step(self) -> TrainStep:
+        """This run's training step (msr.training.step): its model's forward and loss, the
+        variant's hook, its optimizer; ``inspect`` measures the grad norm the update applies."""
+        params = list(self.model.parameters())
+        objective = OneModel(self.variant, forward=self.forward, device_type=self.device.type, amp_dtype=self.amp_dtype)
+        return TrainStep(objective, self.optimizer, scaler=self.scaler, inspect=lambda: grad_norm(params))
 
     def probe(self, last_grad_norm: torch.Tensor | None = None) -> None:
         gn = None if last_grad_norm is None else float(last_grad_norm)
