@@ -261,3 +261,43 @@ def test_resume_and_errors_on_two_processes(tmp_path):
     err0, err1 = results[0, 6], results[1, 6]
     assert err0["error"] == "RunDirError" and "config.json" in err0["message"]
     assert err1["error"] == "DistributedError" and err1["message"].startswith("rank 0 stopped: RunDirError")
+
+
+# --------------------------------------------------------------------------- msr comm
+def test_comm_refuses_what_it_cannot_measure(tmp_path, capsys):
+    assert msr_main(["comm", "--variant", "bn,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown variant(s) ['nope']" in capsys.readouterr().err
+    assert msr_main(["comm", "--processes", "1", "--out", str(tmp_path)]) == 2
+    assert "needs at least 2" in capsys.readouterr().err
+    assert msr_main(["comm", "--batch-size", "15", "--out", str(tmp_path)]) == 2
+    assert "divisible by --processes 2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_comm_counts_syncbn_collectives_and_gradient_buckets(tmp_path):
+    """ResNet-8 has 7 BatchNorm layers: SyncBN adds an all-gather (2C+1 floats) in each forward and
+    an all-reduce (2C floats) in each backward; msr and per-rank BN communicate the gradient only."""
+    from msr.core.variants import build
+
+    out = tmp_path / "comm"
+    assert msr_main(["comm", "--arch", "resnet8", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+                     "--out", str(out)]) == 0
+    result = json.loads((out / "comm.json").read_text())
+    rows = {(r["variant"], r["bn"], r["processes"]): r for r in result["rows"]}
+    assert set(rows) == {("bn", "BN", 1), ("msr", "-", 1), ("bn", "SyncBN", 2), ("bn", "local", 2), ("msr", "-", 2)}
+    n_params = {v: sum(p.numel() for p in build(v, depth=8).model.parameters()) for v in ("bn", "msr")}
+    channels = [16, 16, 16, 32, 32, 64, 64]  # stem, then two convs a block
+    sync, local, msr = rows["bn", "SyncBN", 2], rows["bn", "local", 2], rows["msr", "-", 2]
+    assert sync["bn_collectives_per_step"] == 2 * len(channels)
+    assert sync["by_collective"].split() == ["all_gather=7", "all_reduce=7", f"grad_bucket_all_reduce={sync['grad_allreduces_per_step']:g}"]
+    assert sync["bn_bytes_per_step"] == 4 * sum((2 * c + 1) + 2 * c for c in channels)
+    for row, variant in ((sync, "bn"), (local, "bn"), (msr, "msr")):
+        assert row["grad_allreduces_per_step"] >= 1
+        assert row["grad_bytes_per_step"] == 4 * n_params[variant]  # every fp32 gradient, once
+    assert local["bn_collectives_per_step"] == msr["bn_collectives_per_step"] == 0
+    assert rows["msr", "-", 1]["collectives_per_step"] == 0
+    assert result["environment"]["backend"] == "gloo" and result["environment"]["allreduce_latency_us"] > 0
+    table = (out / "comm.md").read_text()
+    assert f"| bn | SyncBN | 2 | {sync['collectives_per_step']:.3g} | {sync['grad_allreduces_per_step']:.3g} | 14 |" in table
+    assert (out / "comm.csv").read_text().splitlines()[0].startswith("variant,bn,processes")

@@ -3,7 +3,7 @@
     msr train | variants                      msr.cli.training
     msr prepare | download | datasets         msr.cli.data
     msr aggregate | manifest | verify | reproduce   msr.cli.analysis
-    msr bench | prefork | reset-run           msr.cli.tools
+    msr bench | comm | prefork | reset-run    msr.cli.tools
 
 Building the parser imports no torch (names come from msr.catalog); a command imports what it
 needs when it runs. Bad input ends with one line naming the problem and exit status 2 - no
