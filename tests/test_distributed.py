@@ -137,7 +137,8 @@ SCRIPT = textwrap.dedent('''
             res = {"status": s["status"]}
         except Exception as err:
             res = {"error": type(err).__name__, "message": str(err)}
-        print("RESULT " + json.dumps({"rank": ctx.rank, "job": i, **res}), flush=True)
+        with open(f"{sys.argv[2]}.rank{ctx.rank}", "a") as f:  # one file a rank: stdout lines interleave
+            f.write(json.dumps({"rank": ctx.rank, "job": i, **res}) + "\\n")
     leave()
 ''')
 
@@ -149,12 +150,14 @@ def torchrun(tmp_path, jobs: list[dict], name: str) -> dict[tuple[int, int], dic
     spec.write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(spec)], capture_output=True, text=True, timeout=900, env=env)
+                           str(script), str(spec), str(tmp_path / f"{name}.results")],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
+    for rank in (0, 1):
+        path = tmp_path / f"{name}.results.rank{rank}"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            r = json.loads(line)
             results[r["rank"], r["job"]] = r
     assert len(results) == 2 * len(jobs), proc.stdout[-3000:] + proc.stderr[-3000:]
     return results
@@ -234,7 +237,8 @@ def test_bn_needs_syncbn_to_be_the_one_process_run(split_runs):
 def test_resume_and_errors_on_two_processes(tmp_path):
     """A 2-process run stopped after epoch 1 and resumed equals the uninterrupted one, bitwise
     (msr_noise: the RNG; bn without SyncBN: rank 0's running statistics restored on every rank);
-    an error of rank 0 before training ends every rank with its message, none hangs."""
+    a diverging run stops on every rank at the single-process run's step; an error of rank 0
+    before training ends every rank with its message, none hangs."""
     data = tmp_path / "data"
     jobs = []
     for v, extra in (("msr_noise", {}), ("bn", {"sync_bn": False})):
@@ -246,6 +250,8 @@ def test_resume_and_errors_on_two_processes(tmp_path):
     damaged.mkdir()
     (damaged / "checkpoint.pt").write_bytes(b"not a checkpoint")  # and no config.json: refused
     jobs.append({"cfg": tiny(data), "out": str(damaged)})
+    diverging = tiny(data, variant="plain", lr=1000.0, epochs=2)
+    jobs.append({"cfg": diverging, "out": str(tmp_path / "diverged_2")})
     results = torchrun(tmp_path, jobs, "resume")
 
     for rank in (0, 1):
@@ -261,6 +267,13 @@ def test_resume_and_errors_on_two_processes(tmp_path):
     err0, err1 = results[0, 6], results[1, 6]
     assert err0["error"] == "RunDirError" and "config.json" in err0["message"]
     assert err1["error"] == "DistributedError" and err1["message"].startswith("rank 0 stopped: RunDirError")
+
+    assert results[0, 7]["status"] == results[1, 7]["status"] == "diverged"
+    one = train(RunConfig.from_dict(diverging), tmp_path / "diverged_1", log=quiet)
+    two = json.loads((tmp_path / "diverged_2" / "summary.json").read_text())
+    assert one["status"] == "diverged" and one["diverged_at_step"] >= 1
+    assert (two["diverged_at_step"], two["steps"], two["epochs_completed"]) == (
+        one["diverged_at_step"], one["steps"], one["epochs_completed"])
 
 
 # --------------------------------------------------------------------------- msr comm
@@ -301,3 +314,20 @@ def test_comm_counts_syncbn_collectives_and_gradient_buckets(tmp_path):
     table = (out / "comm.md").read_text()
     assert f"| bn | SyncBN | 2 | {sync['collectives_per_step']:.3g} | {sync['grad_allreduces_per_step']:.3g} | 14 |" in table
     assert (out / "comm.csv").read_text().splitlines()[0].startswith("variant,bn,processes")
+
+
+@pytest.mark.slow
+def test_msr_train_under_torchrun(tmp_path):
+    """The command a user runs: torchrun -m msr train joins the group, trains, leaves; exit 0."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", "--out", str(out), "--dataset", "digits", "--arch", "resnet8", "--variant", "bn", "--epochs", "1",
+            "--batch-size", "64", "--image-size", "8", "--train-subset", "128", "--threads", "1",
+            "--data-root", str(tmp_path / "data")]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "msr", *args], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    record = json.loads((out / "config.json").read_text())["distributed"]
+    assert record == {"world_size": 2, "backend": "gloo", "sync_bn": True, "bn_batch": 64}
+    assert proc.stdout.count("completed; final test acc") == 1  # rank 0 alone reports
