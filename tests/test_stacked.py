@@ -71,7 +71,7 @@ def _variants_to_check():
 def test_stacked_seeds_match_separate_runs(variant, overrides):
     xs, ys = _data()
     stacked = StackedSeeds(variant, SEEDS, depth=DEPTH, num_classes=10, in_channels=3, overrides=overrides)
-    stacked_losses = torch.stack([stacked.step(xs[t], ys[t])[1] for t in range(STEPS)])  # (STEPS, K)
+    stacked_losses = torch.stack([stacked.step(xs[t], ys[t]).total for t in range(STEPS)])  # (STEPS, K)
     assert torch.isfinite(stacked_losses).all()
     for i, seed in enumerate(SEEDS):
         state, losses = _eager_run(variant, seed, xs[:, i], ys[:, i], overrides)
@@ -106,8 +106,8 @@ def test_a_diverged_model_leaves_the_others_alone():
     with torch.no_grad():
         dict(broken.models[1].named_parameters())["fc.weight"].fill_(float("nan"))  # a view: the stack sees it
     for t in range(5):
-        _, clean_losses = clean.step(xs[t], ys[t])
-        _, losses = broken.step(xs[t], ys[t])
+        clean_losses = clean.step(xs[t], ys[t]).total
+        losses = broken.step(xs[t], ys[t]).total
     assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
     torch.testing.assert_close(losses[[0, 2]], clean_losses[[0, 2]])
     for i in (0, 2):

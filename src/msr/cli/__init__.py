@@ -3,7 +3,7 @@
     msr train | variants                      msr.cli.training
     msr prepare | download | datasets         msr.cli.data
     msr aggregate | manifest | verify | reproduce   msr.cli.analysis
-    msr bench | prefork | reset-run           msr.cli.tools
+    msr bench | comm | prefork | reset-run    msr.cli.tools
 
 Building the parser imports no torch (names come from msr.catalog); a command imports what it
 needs when it runs. Bad input ends with one line naming the problem and exit status 2 - no
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from msr.infra import prefork  # no torch: handing the run to a fork server skips its import
 
-        if os.environ.get(prefork.ENV):
+        # a data-parallel rank (torchrun) trains in its own process, never in the fork server
+        if os.environ.get(prefork.ENV) and os.environ.get("WORLD_SIZE", "1") == "1":
             code = prefork.delegate(argv)
             if code is not None:
                 return code

@@ -1,4 +1,4 @@
-"""``msr bench``, ``msr prefork`` and ``msr reset-run``: tools around training."""
+"""``msr bench``, ``msr comm``, ``msr prefork`` and ``msr reset-run``: tools around training."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ BENCH_METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "proces
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench(sub)
+    _add_comm(sub)
 
     p = sub.add_parser(
         "prefork", help="run a command (snakemake) whose `msr train` jobs skip torch's import",
@@ -75,6 +76,42 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-conventional", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one of the K processes
     p.set_defaults(func=cmd_bench)
+
+
+def _add_comm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "comm", help="measure what a data-parallel training step communicates: bn + SyncBN vs msr",
+        description="Collectives, bytes and step time per data-parallel training step (msr.infra.comm): "
+                    "P processes (gloo on CPU, NCCL with one GPU each) run msr train's step - DDP, SyncBN "
+                    "for BatchNorm - on synthetic CIFAR-shaped batches; one process at the same global batch "
+                    "for reference. Writes comm.csv, comm.md and comm.json to --out.")
+    p.add_argument("--variant", type=split_list, default="bn,msr",
+                   help=f"comma-separated (default bn,msr); of {', '.join(catalog.VARIANTS)}")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128, help="the global batch (default 128)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="cpu: gloo (default); cuda: NCCL, one GPU per process")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in all, split between the processes (default: the cores)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default="results/comm", help="folder for comm.csv / comm.md / comm.json (default results/comm)")
+    p.set_defaults(func=cmd_comm)
+
+
+def cmd_comm(args: argparse.Namespace) -> int:
+    from msr.infra import comm
+
+    unknown = [v for v in args.variant if v not in catalog.VARIANTS]
+    if unknown:
+        print(f"msr comm: error: unknown variant(s) {unknown}; valid: {', '.join(catalog.VARIANTS)}", file=sys.stderr)
+        return 2
+    try:
+        return comm.run(args)
+    except ValueError as err:
+        print(f"msr comm: error: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

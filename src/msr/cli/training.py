@@ -49,6 +49,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", dest="eval_every", type=int, metavar="E",
                    help="evaluate the test set and the clean train subset every E epochs and after the last "
                         "(default: every epoch; skipped epochs record NaN)")
+    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
+                   help="data-parallel BatchNorm variants: normalize each process's shard with its own statistics "
+                   "(default: SyncBN, the global batch's - the single-process run's algorithm). "
+                   "Data-parallel: launch with torchrun (README, 'Data-parallel training')")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="set a variant field, e.g. lam=0.5 (repeatable)")
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto", help="progress bar on a terminal, epoch lines otherwise")
     p.add_argument(
@@ -70,6 +74,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from msr.data import DatasetError
+    from msr.training import distributed
     from msr.training.config import ConfigError, RunConfig
     from msr.training.loop import train
     from msr.training.rundir import RunDirError
@@ -80,7 +85,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = {"auto": None, "bar": True, "lines": False}[opts.pop("progress")]
     gpu_slots = opts.pop("gpu_slots")
     gpu_wait = opts.pop("gpu_wait", None)
+    sync_bn = opts.pop("sync_bn", None)
+    joined = False
     try:
+        # torchrun's environment (WORLD_SIZE > 1) makes this one rank of a data-parallel run
+        dist = distributed.from_env(sync_bn=sync_bn is not False)
+        if dist is None and sync_bn is False:
+            raise ValueError("--no-sync-bn applies to a data-parallel run (torchrun with more than one process)")
+        if dist is not None and gpu_slots:
+            raise ValueError("--gpu-slots does not combine with torchrun: a data-parallel rank uses GPU LOCAL_RANK")
         values = load_config_file(opts.pop("config")) if "config" in opts else {}
         out = opts.pop("out", None) or values.pop("out", None)
         if not out:
@@ -96,11 +109,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             claim_for_run(gpu_slots, str(values.get("device", "auto")), wait_s=gpu_wait)
         cfg = RunConfig.from_dict(values)
-        summary = train(cfg, out, progress=progress)
-    except (ConfigError, RunDirError, DatasetError, OSError, ValueError, yaml.YAMLError) as e:
+        if dist is not None:
+            distributed.init_process_group(dist, cfg.resolved_device().type)
+            joined = True
+        summary = train(cfg, out, progress=progress, dist=dist)  # ranks > 0 are quiet
+    except (ConfigError, RunDirError, DatasetError, distributed.DistributedError, OSError, ValueError, yaml.YAMLError) as e:
         # RunDirError: a damaged / locked run directory or a full disk, already one line that
         # names the file and what to do
         return fail("msr train", str(e))
+    finally:
+        if joined:
+            distributed.leave()
     return 0 if summary["status"] in ("completed", "diverged") else 1
 
 

@@ -133,6 +133,12 @@ class BlockInputNoise(nn.Module):
 
     ``uniform``: U(1-delta, 1+delta). ``gaussian``: N(1, delta) clamped to [0, 2]. No batch
     statistics are used, so every sample's noise is independent of the rest of the batch.
+
+    ``shard = (rank, world)``: in data-parallel training (msr.training.distributed) each rank
+    holds rows ``rank*b .. (rank+1)*b`` of a global batch of ``world*b``; it draws the noise of
+    the whole global batch from the (rank-identical) global RNG and keeps its own rows. Ranks
+    thus draw different values, the RNG stays in step on every rank, and the noise equals the
+    single-process run's at the global batch. ``(0, 1)``, the default, draws just the batch.
     """
 
     def __init__(self, delta: float = 0.1, dist: str = "uniform"):
@@ -143,15 +149,19 @@ class BlockInputNoise(nn.Module):
             raise ValueError(f"noise delta must be in [0, 1], got {delta}")
         self.delta = delta
         self.dist = dist
+        self.shard = (0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.delta == 0:
             return x
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        rank, world = self.shard
+        shape = (x.shape[0] * world, x.shape[1]) + (1,) * (x.dim() - 2)
         if self.dist == "uniform":
             eps = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(1 - self.delta, 1 + self.delta)
         else:
             eps = torch.randn(shape, device=x.device, dtype=x.dtype).mul_(self.delta).add_(1).clamp_(0, 2)
+        if world > 1:
+            eps = eps[rank * x.shape[0]:(rank + 1) * x.shape[0]]
         return x * eps
 
     def extra_repr(self) -> str:

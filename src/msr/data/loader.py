@@ -51,6 +51,12 @@ class DeviceLoader:
     ``RandomHorizontalFlip``: pad with raw zeros (black, before normalization), then take the
     window at a per-sample uniform offset in ``[0, 2p]``; flip each sample with probability 1/2.
     Both are done as one gather per batch with per-sample index grids.
+
+    ``shard = (rank, world)`` (train loaders, data-parallel training): ``batch_size`` stays the
+    *global* batch; each yielded batch is this rank's contiguous ``batch_size / world`` rows of
+    it - the same samples, crops and flips the unsharded loader puts there, since every draw is
+    made for the whole epoch first. ``len()`` counts global batches, the same on every rank.
+    Needs whole global batches: ``batch_size`` divisible by ``world``, ``drop_last``.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class DeviceLoader:
         device: str | torch.device = "cpu",
         drop_last: bool | None = None,
         channels_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(
@@ -102,6 +109,17 @@ class DeviceLoader:
         n = len(self.images)
         self.drop_last = (train and n >= batch_size) if drop_last is None else bool(drop_last)
         self.epoch = 0
+        rank, world = shard
+        if not (isinstance(world, int) and isinstance(rank, int) and world >= 1 and 0 <= rank < world):
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        if world > 1:
+            if not self.train:
+                raise ValueError("only a train loader is sharded (an eval loader runs on one rank)")
+            if batch_size % world:
+                raise ValueError(f"batch_size={batch_size} must be divisible by the {world} data-parallel processes")
+            if not self.drop_last:
+                raise ValueError(f"a sharded loader needs whole global batches: {n} samples, batch_size={batch_size}, drop_last")
+        self.shard = (rank, world)
 
     @property
     def num_samples(self) -> int:
@@ -139,8 +157,10 @@ class DeviceLoader:
             offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=gen).to(self.device)
         if self.flip:
             flips = (torch.rand(n, generator=gen) < 0.5).to(self.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            stop = start + self.batch_size
+        rank, world = self.shard
+        local = self.batch_size // world
+        for start in range(rank * local, len(self) * self.batch_size, self.batch_size):
+            stop = start + local
             idx = order[start:stop]
             x = self.images[idx]
             if offsets is not None or flips is not None:

@@ -16,8 +16,8 @@ Two reports.
   data), started together after their warm-up; images/s is all K together, over the wall time
   from the first start to the last end;
 - ``stacked``: K seeds of the variant stacked in one process (``msr.training.stacked``);
-- ``stacked_graph``: that stacked step captured as one CUDA graph (noise from the default
-  generator, ``noise_rng="shared"``, the graph-safe one); CUDA only.
+- ``stacked_graph``: that stacked step captured as one CUDA graph (msr.training.step.GraphedStep;
+  the per-model noise generators are registered with the graph); CUDA only.
 Times exclude warm-up (and compilation); CUDA events time the GPU, ``perf_counter`` the CPU.
 A method that cannot run says why in its row (``not available on cpu``, ``skipped: ...``,
 ``failed: ...``): no row is ever silently missing. ``--json PATH`` writes the table after each
@@ -47,7 +47,6 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from msr import atomic, catalog
@@ -56,6 +55,7 @@ from msr.core.method import BlockInputNoise
 from msr.core.models import parse_arch
 from msr.core.variants import Variant, build
 from msr.data.cifar import CIFAR_CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD
+from msr.training.step import GraphedStep, OneModel, TrainStep
 
 # the bench's generated data stand in for CIFAR-10 (the paper's dataset): its shape and classes
 _CIFAR = catalog.dataset("cifar10")
@@ -108,23 +108,22 @@ def _cycle(make_iter: Callable[[], Iterator]) -> Iterator:
 
 
 class Stepper:
-    """One training step of a variant, shared by both loops so only the data path differs."""
+    """One training step of a variant (msr.training.step.TrainStep, as ``msr train`` runs it),
+    shared by both loops so only the data path differs."""
 
     def __init__(self, variant: Variant, device: torch.device, amp_dtype, channels_last: bool):
         self.variant, self.device, self.amp_dtype = variant, device, amp_dtype
         self.model = variant.model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.opt = torch.optim.SGD(variant.param_groups(), momentum=0.9, fused=device.type == "cuda" or None)
         self.channels_last = channels_last
-        self.forward = self.model  # or a compiled version of it
+        self.forward = self.model  # or a compiled version of it (set before the first call)
+        self._step: TrainStep | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = F.cross_entropy(self.forward(x).float(), y)
-        loss = loss + self.variant.extra_loss()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.variant.after_backward()
-        self.opt.step()
+        if self._step is None:
+            objective = OneModel(self.variant, forward=self.forward, device_type=self.device.type, amp_dtype=self.amp_dtype)
+            self._step = TrainStep(objective, self.opt)
+        self._step(x, y)
 
 
 def time_loop(step: Stepper, batches: Iterator, steps: int, warmup: int, repeats: int, to_device: bool) -> list[float]:
@@ -349,73 +348,33 @@ def time_windows(step: Callable[[], None], device: torch.device, steps: int, war
     return out, warm_s
 
 
-def capture_step(body: Callable[[], object], load_next: Callable[[], None], zero_grad: Callable[[], None], warmup: int = 3):
-    """(graph, body's output): ``warmup`` real steps on a side stream (cuDNN autotune, lazily made
-    optimizer state), then ``body`` captured once. Grads are set to None first, so the capture's
-    backward allocates the gradient tensors every replay refills (not accumulates into)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            load_next()
-            zero_grad()
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    zero_grad()
-    with torch.cuda.graph(graph):
-        out = body()
-    return graph, out
-
-
 class GraphStepper:
-    """The whole training step as one CUDA graph (PyTorch's "whole-network capture" recipe).
-
-    Forward, loss (+ the variant's extra loss), backward, ``after_backward`` (ZMG on the true
-    gradients) and a fused SGD step whose lr is a device tensor (a schedule would ``fill_`` it
-    between replays) are captured once after a few eager warm-up steps on a side stream; a step
-    is then two copies into the static batch and one ``replay()``. The noise draws come from
-    the default CUDA generator, which graphs support (each replay advances its offset).
+    """The whole training step as one CUDA graph: ``msr train --cuda-graph``'s
+    (msr.training.step.GraphedStep) around the bench's eager step - forward, loss (+ the
+    variant's extra loss), backward, ``after_backward`` (ZMG on the true gradients) and a fused
+    SGD step whose lr is a device tensor, captured once after a few eager warm-up steps on a
+    side stream; a step is then a copy into the static batch and one ``replay()``. The noise
+    draws come from the default CUDA generator, which graphs support (each replay advances it).
     """
 
     def __init__(self, variant: Variant, device: torch.device, amp_dtype, channels_last: bool, batch_size: int):
         if device.type != "cuda":
             raise ValueError("a CUDA graph needs a CUDA device")
-        self.variant, self.device, self.amp_dtype = variant, device, amp_dtype
-        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = variant.model.to(device, memory_format=self.fmt)
-        groups = variant.param_groups()
-        for g in groups:
-            g["lr"] = torch.tensor(float(g["lr"]), device=device)
-        self.opt = torch.optim.SGD(groups, momentum=0.9, fused=True)
-        self.static_x = torch.zeros((batch_size, *IMAGE_SHAPE), device=device).contiguous(memory_format=self.fmt)
-        self.static_y = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_loss: torch.Tensor | None = None
-
-    def _body(self) -> torch.Tensor:
-        # cache_enabled=False: autocast's weight-cast cache must not outlive the capture
-        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False):
-            loss = F.cross_entropy(self.model(self.static_x).float(), self.static_y)
-        loss = loss + self.variant.extra_loss()
-        loss.backward()
-        self.variant.after_backward()
-        self.opt.step()
-        return loss.detach()
+        self.device = device
+        self.model = variant.model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.opt = torch.optim.SGD(variant.param_groups(), momentum=0.9, fused=True)
+        self.step = GraphedStep(TrainStep(OneModel(variant, device_type="cuda", amp_dtype=amp_dtype), self.opt))
 
     def capture(self, batches: Iterator, warmup: int = 3) -> None:
-        self.graph, self.static_loss = capture_step(
-            self._body, lambda: self.load(*next(batches)), lambda: self.opt.zero_grad(set_to_none=True), warmup
-        )
-
-    def load(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.static_x.copy_(x)
-        self.static_y.copy_(y)
+        """``warmup`` real steps on batches from ``batches``, then the capture."""
+        self.step.warmup = warmup
+        for _ in range(warmup):
+            self.step(*next(batches))
+        x, y = next(batches)
+        self.step._capture(x, y)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.load(x, y)
-        self.graph.replay()
-        return self.static_loss
+        return self.step(x, y).loss
 
 
 def _build_variant(variant: str, arch: str, seed: int) -> Variant:
@@ -469,7 +428,7 @@ def bench_stacked(args, arch: str, variant: str, device: torch.device, amp_dtype
     from msr.training.stacked import StackedSeeds
 
     k = args.k
-    noise = "shared" if graph else args.stacked_noise
+    noise = args.stacked_noise
     stacked = StackedSeeds(variant, list(range(k)), depth=parse_arch(arch), num_classes=NUM_CLASSES,
                            in_channels=IMAGE_SHAPE[0], device=device, amp_dtype=amp_dtype, noise_rng=noise)
     loaders = [synthetic_loader(args.n_train, args.batch_size, i, device, False) for i in range(k)]
@@ -487,16 +446,17 @@ def bench_stacked(args, arch: str, variant: str, device: torch.device, amp_dtype
             load()
             stacked.step(xs, ys)
     else:
-        # as GraphStepper: lr as device tensors, warm-up on a side stream, then one capture
-        for group in stacked.optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        # as msr train --cuda-graph (GraphedStep): warm-up on a side stream, then one capture
+        graphed = GraphedStep(stacked.train_step, generators=stacked._generators if noise == "per_model" else ())
         t0 = time.perf_counter()
-        cuda_graph, _ = capture_step(lambda: stacked.step(xs, ys), load, lambda: stacked.optimizer.zero_grad(set_to_none=True))
-        note += f"; captured after 3 eager steps in {time.perf_counter() - t0:.1f} s"
+        for _ in range(graphed.warmup + 1):  # the warm-up steps, then the capture and a first replay
+            load()
+            graphed(xs, ys)
+        note += f"; captured after {graphed.warmup} eager steps in {time.perf_counter() - t0:.1f} s"
 
         def step() -> None:
             load()
-            cuda_graph.replay()
+            graphed(xs, ys)
 
     windows, warm_s = time_windows(step, device, args.steps, args.warmup, args.repeats)
     return _timed_row(arch, variant, "stacked_graph" if graph else "stacked", k, args.batch_size, windows, warm_s,

@@ -23,7 +23,8 @@ from msr.core.models import parse_arch
 from msr.core.variants import Variant, build
 from msr.machine import machine_record
 from msr.training.config import RunConfig
-from msr.training.probes import Prober
+from msr.training.distributed import Distributed, prepare_model, wrap
+from msr.training.probes import Prober, grad_norm
 from msr.training.rundir import (
     CHECKPOINT,
     METRIC_COLUMNS,
@@ -36,6 +37,7 @@ from msr.training.rundir import (
     read_probes,
     span,
 )
+from msr.training.step import OneModel, TrainStep
 
 # Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
 # the first min(N, 1000) training images in their stored order - eval mode, no augmentation,
@@ -85,9 +87,13 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
 class Run:
     """Everything one run holds; ``train()`` below is the readable loop that drives it."""
 
-    def __init__(self, cfg: RunConfig, out: Path, log=print):
-        self.cfg, self.out, self.log = cfg, out, log
+    def __init__(self, cfg: RunConfig, out: Path, log=print, dist: Distributed | None = None):
+        """``dist``: this process's rank in a data-parallel run (msr.training.distributed), or
+        None for the single-process run."""
+        self.cfg, self.out, self.log, self.dist = cfg, out, log, dist
         self.device = cfg.resolved_device()
+        if dist is not None:
+            self.device = dist.device(self.device.type)
         self.threads = cfg.resolved_threads()
         torch.set_num_threads(self.threads)
         if self.device.type == "cuda":
@@ -105,6 +111,8 @@ class Run:
             cfg.variant, depth=parse_arch(cfg.arch), num_classes=ds.num_classes,
             in_channels=ds.in_channels, **cfg.variant_overrides(),
         )
+        if dist is not None:  # SyncBN, the noise's rows: before the optimizer sees the parameters
+            self.variant.model = prepare_model(self.variant.model, dist, norm=self.variant.spec.norm, device=self.device)
         self.model = self.variant.model
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
@@ -128,6 +136,7 @@ class Run:
         self.train_loader = msr_data.DeviceLoader(
             ds.train_x, ds.train_y, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
             crop_padding=ds.crop_padding, flip=ds.flip, **common,
+            **({} if dist is None else {"shard": (dist.rank, dist.world_size)}),
         )
         self.test_loader = msr_data.DeviceLoader(ds.test_x, ds.test_y, batch_size=cfg.eval_batch_size, train=False, **common)
         n_clean = min(len(ds.train_x), CLEAN_TRAIN_IMAGES)
@@ -170,6 +179,8 @@ class Run:
             # the same of (msr.machine). A record only: nothing reads it to decide a result.
             machine=machine_record(str(self.device)),
         )
+        if self.dist is not None:  # a single-process record has no such block (unchanged)
+            rec["distributed"] = self.dist.record(self.variant.spec.norm, self.cfg.batch_size)
         return rec
 
     def save_checkpoint(self) -> None:
@@ -201,21 +212,7 @@ class Run:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-            # torch's own text may suggest weights_only=False: never pass that on
-            raise damaged(path, f"cannot be loaded ({type(err).__name__}: truncated or corrupt)") from None
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"], self.device)
-            self.epoch, self.step, self.images_seen = ckpt["epoch"], ckpt["step"], ckpt["images_seen"]
-            self.train_seconds, self.wall_seconds = ckpt["train_seconds"], ckpt["wall_seconds"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise damaged(path, f"does not fit this run's model and optimizer ({type(err).__name__})") from None
+        self.restore_checkpoint()
 
         metrics = read_metrics(self.out / METRICS)
         epochs = [m["epoch"] for m in metrics]
@@ -241,6 +238,27 @@ class Run:
             self.log(f"{self.out / PROBES}: dropping {len(probes) - len(self.probes)} rows after step {self.step}, "
                      "written after the last checkpoint")
         return True
+
+    def restore_checkpoint(self) -> None:
+        """Model, optimizer, scheduler, scaler, RNG and counters from ``checkpoint.pt`` (read
+        only; the other ranks of a data-parallel run resume with this alone, after rank 0 has
+        checked the directory with :meth:`try_resume`)."""
+        path = self.out / CHECKPOINT
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+            # torch's own text may suggest weights_only=False: never pass that on
+            raise damaged(path, f"cannot be loaded ({type(err).__name__}: truncated or corrupt)") from None
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"], self.device)
+            self.epoch, self.step, self.images_seen = ckpt["epoch"], ckpt["step"], ckpt["images_seen"]
+            self.train_seconds, self.wall_seconds = ckpt["train_seconds"], ckpt["wall_seconds"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise damaged(path, f"does not fit this run's model and optimizer ({type(err).__name__})") from None
 
     def write_progress(self) -> None:
         atomic.write_text(self.out / "metrics.csv", _csv_text(METRIC_COLUMNS, [_metrics_row(m) for m in self.metrics]))
@@ -292,6 +310,18 @@ class Run:
         self.model.train()
         n = loader.num_samples
         return loss_sum.item() / n, correct.item() / n
+
+    # ---- the step
+    def make_step(self) -> TrainStep:
+        """This run's training step (msr.training.step): its model's forward and loss, the
+        variant's hook, its optimizer; ``inspect`` measures the grad norm the update applies."""
+        params = list(self.model.parameters())
+        forward = self.forward
+        if self.dist is not None:  # DDP averages the gradients in backward, before the variant's hook
+            ddp = wrap(self.model, self.dist, self.device)
+            forward = torch.compile(ddp) if self.cfg.compile else ddp
+        objective = OneModel(self.variant, forward=forward, device_type=self.device.type, amp_dtype=self.amp_dtype)
+        return TrainStep(objective, self.optimizer, scaler=self.scaler, inspect=lambda: grad_norm(params))
 
     def probe(self, last_grad_norm: torch.Tensor | None = None) -> None:
         gn = None if last_grad_norm is None else float(last_grad_norm)

@@ -57,6 +57,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from msr.core.method import BlockInputNoise, cmrr_gradients_, project_gradients_, unity_decay
 from msr.core.models import CHANNELS, CLASSES, GainConv2d
 from msr.core.variants import Variant, build
+from msr.training.step import StepResult, TrainStep
 
 NOISE_RNGS = ("per_model", "shared")
 
@@ -108,31 +109,49 @@ class StackedSeeds:
         noise_rng: str = "per_model",
     ):
         if len(seeds) < 1 or len(set(seeds)) != len(seeds):
+            raise ValueError(f"stacked seeds must be distinct and at least one, got {list(seeds)}")  # before building K models
+        device = torch.device(device)
+        # build each model exactly as its own run would: seed, build, (noise stream starts here)
+        variants, generators = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            v = build(variant, depth=depth, num_classes=num_classes, in_channels=in_channels, **(overrides or {}))
+            generators.append(noise_generator(device))
+            v.model.to(device)
+            variants.append(v)
+        self._stack(variants, generators, seeds=seeds, lr=lr, momentum=momentum, device=device,
+                    amp_dtype=amp_dtype, noise_rng=noise_rng)
+
+    @classmethod
+    def of_variants(cls, variants: Sequence[Variant], generators: Sequence[torch.Generator], *, seeds: Sequence[int],
+                    lr: float | None = None, momentum: float = 0.9, device: str | torch.device = "cpu",
+                    amp_dtype: torch.dtype | None = None, noise_rng: str = "per_model") -> StackedSeeds:
+        """Stack models built elsewhere (each by its own run: seeded, built, moved to ``device``),
+        each with the generator its noise would come from (:func:`noise_generator`, taken right
+        after its run was set up)."""
+        self = cls.__new__(cls)
+        self._stack(list(variants), list(generators), seeds=seeds, lr=lr, momentum=momentum,
+                    device=torch.device(device), amp_dtype=amp_dtype, noise_rng=noise_rng)
+        return self
+
+    def _stack(self, variants: list[Variant], generators: list[torch.Generator], *, seeds: Sequence[int],
+               lr: float | None, momentum: float, device: torch.device, amp_dtype: torch.dtype | None,
+               noise_rng: str) -> None:
+        if len(seeds) < 1 or len(set(seeds)) != len(seeds):
             raise ValueError(f"stacked seeds must be distinct and at least one, got {list(seeds)}")
         if noise_rng not in NOISE_RNGS:
             raise ValueError(f"noise_rng must be one of {NOISE_RNGS}, got {noise_rng!r}")
         if amp_dtype is torch.float16:
             raise NotImplementedError("stacked seeds: fp16 needs loss scaling; use bf16 or fp32")
-        self.device = torch.device(device)
+        if not len(variants) == len(generators) == len(seeds):
+            raise ValueError("stacked seeds: one variant and one noise generator per seed")
+        self.device = device
         self.amp_dtype = amp_dtype
         self.seeds = list(seeds)
-        self.k = len(seeds)
+        self.k = len(self.seeds)
         self.noise_rng = noise_rng
-
-        # build each model exactly as its own run would: seed, build, (noise stream starts here)
-        self.variants: list[Variant] = []
-        self._generators: list[torch.Generator] = []
-        for seed in self.seeds:
-            torch.manual_seed(seed)
-            v = build(variant, depth=depth, num_classes=num_classes, in_channels=in_channels, **(overrides or {}))
-            gen = torch.Generator(device=self.device)
-            if self.device.type == "cpu":
-                gen.set_state(torch.get_rng_state())
-            else:
-                gen.manual_seed(seed)  # a fresh run's device generator: seeded, nothing drawn yet
-            self._generators.append(gen)
-            v.model.to(self.device)
-            self.variants.append(v)
+        self.variants: list[Variant] = variants
+        self._generators: list[torch.Generator] = generators
         self.spec = self.variants[0].spec
         self.models = [v.model for v in self.variants]
         self._check_supported()
@@ -174,6 +193,8 @@ class StackedSeeds:
         self._projected = [names[id(p)] for p in self.variants[0].projected]
         self._decayed = [names[id(p)] for p in self.variants[0].unity_decayed]
         self._per_model_hook = bool(getattr(self.variants[0], "agc_clipped", None)) or type(self.variants[0]).after_backward is not Variant.after_backward
+        # forward, summed loss, backward, the hook, the update: the step every path shares
+        self.train_step = TrainStep(self, self.optimizer, inspect=self.grad_norms)
 
     # ------------------------------------------------------------------ checks
     def _check_supported(self) -> None:
@@ -244,14 +265,14 @@ class StackedSeeds:
         kappa = self.spec.unity_kappa
         return vmap(lambda ws: unity_decay(ws, kappa))([self.params[n] for n in self._decayed])
 
-    def forward_loss(self, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (K, B, classes), per-model total loss (K,)) of the models in train mode."""
+    def forward_loss(self, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (K, B, classes), data loss (K,), total loss (K,)) of the models in train mode."""
         if xs.shape[0] != self.k or ys.shape[0] != self.k:
             raise ValueError(f"expected a leading dim of {self.k} models, got {tuple(xs.shape)} and {tuple(ys.shape)}")
         noise = self._noise(xs)
         with self._autocast():
             logits, ce = vmap(self._one_model)(self.params, self.buffers, noise, xs, ys)
-        return logits, ce + self._extra()
+        return logits, ce, ce + self._extra()
 
     def after_backward(self) -> None:
         """The variant's gradient modification, per model, on the stacked true gradients."""
@@ -276,18 +297,31 @@ class StackedSeeds:
         else:
             raise NotImplementedError(f"stacked seeds: gradient mode {grad!r}")
 
-    def step(self, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step of all K models; returns (logits, per-model loss), detached.
+    @torch.no_grad()
+    def grad_norms(self) -> torch.Tensor:
+        """Each model's global gradient norm, shape (K,) (msr.training.probes.grad_norm per model)."""
+        grads = [t.grad for t in self.params.values() if t.grad is not None]
+        if not grads:
+            return torch.zeros(self.k, device=self.device)
+        per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (P, K)
+        return torch.linalg.vector_norm(per_tensor, dim=0)
+
+    def step(self, xs: torch.Tensor, ys: torch.Tensor, *, inspect: bool = False) -> StepResult:
+        """One training step of all K models (msr.training.step.TrainStep); ``inspected`` is the
+        models' grad norms (K,) when asked for.
 
         A model whose loss is non-finite does not disturb the others (no tensor mixes models);
         the caller decides what a diverged model means, as the trainer does for one run.
         """
-        logits, losses = self.forward_loss(xs, ys)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()  # summed, not averaged: each model gets its own gradient
-        self.after_backward()
-        self.optimizer.step()
-        return logits.detach(), losses.detach()
+        return self.train_step(xs, ys, inspect=inspect)
+
+
+def noise_generator(device: torch.device) -> torch.Generator:
+    """A generator that continues where this process's own generator for ``device`` is now -
+    taken right after a run's model is built, it draws the noise that run would draw."""
+    gen = torch.Generator(device=device)
+    gen.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+    return gen
 
 
 class _GradView:
