@@ -7,7 +7,7 @@ import argparse
 import yaml
 
 from msr import catalog
-from msr.cli.common import fail, load_config_file, parse_override
+from msr.cli.common import fail, load_config_file, parse_override, split_list
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -18,12 +18,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", help="YAML/JSON file with any of the options below (keys use underscores)")
-    p.add_argument("--out", help="run directory (required)")
+    p.add_argument("--out", help="run directory (required); with --seeds a path with {seed} in it")
     p.add_argument("--dataset", help=f"one of {', '.join(catalog.DATASETS)} (default digits)")
     p.add_argument("--arch", help="resnetN with N = 6n+2 (default resnet20)")
     p.add_argument("--variant", help=f"one of {', '.join(catalog.VARIANTS)} (default msr)")
     p.add_argument("--epochs", type=int, help="default: the dataset's (msr datasets lists them)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=split_list, metavar="LIST",
+                   help="several seeds of the same run, e.g. 0,1,2, each into --out with {seed} replaced")
+    p.add_argument("--stacked", action="store_true",
+                   help="with --seeds: train them stacked in one process (torch.func; msr.training.stacked_loop)")
     p.add_argument("--lr", type=float, help="base (conv-group) lr; other groups keep their ratio")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="default: the dataset's (msr datasets lists them)")
     p.add_argument("--noise-delta", dest="noise_delta", type=float, help="noise magnitude d (turns noise on for any variant)")
@@ -35,6 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA)")
+    p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
+                   help="capture the whole step as one CUDA graph (CUDA; bf16/fp32)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--probe-every", dest="probe_every", type=int, help="steps between probes")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="set a variant field, e.g. lam=0.5 (repeatable)")
@@ -62,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         opts.pop(key, None)
     progress = {"auto": None, "bar": True, "lines": False}[opts.pop("progress")]
     gpu_slots = opts.pop("gpu_slots")
+    seeds, stacked = opts.pop("seeds", None), opts.pop("stacked", False)
     try:
         values = load_config_file(opts.pop("config")) if "config" in opts else {}
         out = opts.pop("out", None) or values.pop("out", None)
@@ -73,17 +80,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         values.update(opts)
         if overrides:
             values["overrides"] = overrides
+        runs = _seed_runs(values, str(out), seeds, stacked)
         if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
             from msr.infra.gpu import claim_for_run
 
             claim_for_run(gpu_slots, str(values.get("device", "auto")))
-        cfg = RunConfig.from_dict(values)
-        summary = train(cfg, out, progress=progress)
+        cfgs = [RunConfig.from_dict(v) for v, _ in runs]
+        if stacked:
+            from msr.training.stacked_loop import train_stacked
+
+            summaries = train_stacked(cfgs, [o for _, o in runs], progress=progress)
+        else:
+            summaries = [train(cfg, o, progress=progress) for cfg, (_, o) in zip(cfgs, runs, strict=True)]
     except (ConfigError, RunDirError, DatasetError, OSError, ValueError, yaml.YAMLError) as e:
         # RunDirError: a damaged / locked run directory or a full disk, already one line that
         # names the file and what to do
         return fail("msr train", str(e))
-    return 0 if summary["status"] in ("completed", "diverged") else 1
+    return 0 if all(s["status"] in ("completed", "diverged") for s in summaries) else 1
+
+
+def _seed_runs(values: dict, out: str, seeds: list[str] | None, stacked: bool) -> list[tuple[dict, str]]:
+    """(config values, run directory) of each run the command asks for: one, or one per seed."""
+    if seeds is None:
+        if stacked:
+            raise ValueError("--stacked trains several seeds: give them with --seeds, e.g. --seeds 0,1,2")
+        if "{seed}" in out:
+            raise ValueError("--out has {seed} in it: give the seeds with --seeds (or write the path out)")
+        return [(values, out)]
+    if "seed" in values:
+        raise ValueError("give either --seed or --seeds, not both")
+    try:
+        numbers = [int(s) for s in seeds]
+    except ValueError:
+        raise ValueError(f"--seeds {','.join(seeds)}: seeds are integers, e.g. --seeds 0,1,2") from None
+    if not numbers or len(set(numbers)) != len(numbers):
+        raise ValueError(f"--seeds {','.join(seeds)}: give each seed once")
+    if "{seed}" not in out:
+        raise ValueError("--out needs {seed} in it with --seeds (one run directory per seed), e.g. runs/msr/seed{seed}")
+    return [({**values, "seed": n}, out.replace("{seed}", str(n))) for n in numbers]
 
 
 def cmd_variants(args: argparse.Namespace) -> int:
