@@ -10,6 +10,7 @@ on another machine (a GPU visit) and bringing them back.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -53,7 +54,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for runs-<i>.tar.gz")
     p.add_argument("--root", default=".", help="the repository the run paths are relative to")
     p.add_argument("--max-files", type=int, default=4)
-    p.add_argument("--max-mib", type=float, default=15.0)
+    p.add_argument("--max-mib", type=float, default=14.0)
     p.set_defaults(func=cmd_pack_runs)
 
     p = sub.add_parser(
@@ -66,6 +67,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-data-check", dest="data_check", action="store_false",
                    help="import even though the processed data the runs depend on is missing here")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "visit-report", help="(visit) compare digits CUDA vs CPU, choose the training path, write summary.md",
+        description="The reports of tools/gpu_session.sh (msr.infra.visit_report), torch-free.")
+    what = p.add_subparsers(dest="report", metavar="REPORT", required=True)
+    q = what.add_parser("compare", help="digits test accuracy on CUDA vs CPU, within a tolerance")
+    q.add_argument("digits", help="folder with cuda/<variant>/ and cpu/<variant>/ run directories")
+    q.add_argument("--variants", type=split_list, required=True)
+    q.add_argument("--tolerance", type=float, required=True, help="largest |accuracy difference| accepted")
+    q.add_argument("--out", required=True)
+    q = what.add_parser("choose", help="the fastest measured training path: prints PROCS STACK EXTRA")
+    q.add_argument("bench", nargs="+", help="msr bench --json tables")
+    q.add_argument("--variant", default="msr_noise")
+    q.add_argument("--out", required=True, help="choice.json")
+    q = what.add_parser("summary", help="summary.md of a visit's work folder")
+    q.add_argument("work")
+    q.add_argument("--mode", required=True, choices=["quick", "train"])
+    q.add_argument("--plan", default=None)
+    q.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_visit_report)
 
 
 def cmd_plan_runs(args: argparse.Namespace) -> int:
@@ -105,7 +126,6 @@ def cmd_run_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_pack_runs(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from msr.infra import transfer
@@ -114,7 +134,7 @@ def cmd_pack_runs(args: argparse.Namespace) -> int:
         status = json.loads(Path(args.status).read_text())
         runs = [(r["out"], r.get("log")) for r in status.get("runs", [])]
         packed = transfer.pack_runs(args.root, runs, args.out, max_files=args.max_files, max_bytes=int(args.max_mib * transfer.MiB))
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, transfer.TransferError) as err:
         return fail("msr pack-runs", str(err))
     for f in packed.files:
         print(f"{f}: {sum(1 for t in packed.runs.values() if t == f.name)} run(s), {f.stat().st_size / transfer.MiB:.1f} MiB")
@@ -132,4 +152,24 @@ def cmd_import(args: argparse.Namespace) -> int:
     except (transfer.TransferError, RunDirError, OSError) as err:
         return fail("msr import", str(err))
     print(transfer.summary_line(done))
+    return 0
+
+
+def cmd_visit_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from msr import atomic
+    from msr.infra import visit_report
+
+    if args.report == "compare":
+        result = visit_report.compare_digits(args.digits, args.variants, args.tolerance)
+        atomic.write_json(Path(args.out), result)
+        print(json.dumps(result, indent=2))
+        return 0 if result["ok"] else 1
+    if args.report == "choose":
+        choice = visit_report.choose_path([Path(b) for b in args.bench], args.variant)
+        atomic.write_json(Path(args.out), choice)
+        print(choice["procs"], choice["stack"], choice["extra"])
+        return 0
+    atomic.write_text(Path(args.out), visit_report.summary(args.work, args.mode, plan=args.plan))
     return 0
