@@ -33,6 +33,7 @@ import re
 import shutil
 import tarfile
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -82,8 +83,14 @@ def _run_members(root: Path, run_dir: str, log: str | None) -> tuple[list[Path],
     return files, finished
 
 
+def _packed_size(root: Path, files: Sequence[Path]) -> int:
+    """About what ``files`` add to a tar.gz: each compressed on its own, plus a header each
+    (checkpoints of floats barely compress; CSVs shrink several-fold)."""
+    return sum(len(zlib.compress((root / f).read_bytes(), 6)) + 1024 for f in files)
+
+
 def pack_runs(root: str | Path, runs: Sequence[tuple[str, str | None]], out_dir: str | Path, *, prefix: str = "runs",
-              max_files: int = 4, max_bytes: int = 15 * MiB) -> Packed:
+              max_files: int = 4, max_bytes: int = 14 * MiB) -> Packed:
     """Tar.gz the run directories ``runs`` ((run dir, log) pairs, repo-relative under ``root``)
     into at most ``max_files`` tarballs of at most ``max_bytes`` each (``<prefix>-<i>.tar.gz``),
     finished runs first (in the given order), then partial ones; what does not fit is listed in
@@ -94,11 +101,10 @@ def pack_runs(root: str | Path, runs: Sequence[tuple[str, str | None]], out_dir:
     for run_dir, log in runs:
         files, finished = _run_members(root, run_dir, log)
         if any(f.name in RUN_FILES for f in files):
-            size = sum((root / f).stat().st_size for f in files)
-            items.append((not finished, run_dir, files, size))
+            items.append((not finished, run_dir, files, _packed_size(root, files)))
     items.sort(key=lambda t: t[0])  # stable: finished first, each in the given order
     packed = Packed()
-    budget = int(max_bytes * 0.97)  # uncompressed size, less gzip's worst-case growth on floats
+    budget = int(max_bytes * 0.95) - 4096  # the estimate's margin, and gzip's end of stream
     bins: list[list[tuple[str, list[Path]]]] = []
     sizes: list[int] = []
     for _, run_dir, files, size in items:
@@ -118,11 +124,15 @@ def pack_runs(root: str | Path, runs: Sequence[tuple[str, str | None]], out_dir:
                 packed.left_out.append(run_dir)
     for i, content in enumerate(bins, 1):
         path = out_dir / f"{prefix}-{i}.tar.gz"
-        with tarfile.open(path, "w:gz") as tar:
+        with tarfile.open(path, "w:gz", compresslevel=6) as tar:
             for run_dir, files in content:
                 for f in files:
                     tar.add(root / f, arcname=f.as_posix(), recursive=False, filter=_plain)
                 packed.runs[run_dir] = path.name
+        size = path.stat().st_size
+        if size > max_bytes:  # the estimate was wrong: say so, never hand back an oversized file
+            path.unlink()
+            raise TransferError(f"{path.name} came out at {size} bytes, over the {max_bytes} limit; pack with a lower --max-mib")
         packed.files.append(path)
     return packed
 
