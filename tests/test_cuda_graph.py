@@ -134,7 +134,8 @@ def test_stacked_seeds_with_a_cuda_graph(tmp_path):
 def test_every_variant_trains_on_cuda(tmp_path, variant, graph):
     """The CUDA smoke test: 2 digits epochs of each variant, eager and captured; a run may
     diverge (some variants do at these settings: a result), never crash."""
-    summary = train(_digits(tmp_path, device="cuda", variant=variant, epochs=2, cuda_graph=graph), tmp_path / "run", log=quiet)
+    cfg = _digits(tmp_path, device="cuda", variant=variant, epochs=2, image_size=8, cuda_graph=graph)
+    summary = train(cfg, tmp_path / "run", log=quiet)
     assert summary["status"] in ("completed", "diverged")
     assert summary["epochs_completed"] == 2 or summary["status"] == "diverged"
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "metrics.csv").exists()

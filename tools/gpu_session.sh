@@ -61,7 +61,7 @@ cp "$WORK/steps.tsv" "$OUT/steps.tsv"
 if [ "$MODE" = quick ]; then
     STEPS=(env gpu_tests bench_32 digits digits_compare); CAPS=(10 85 70 45 5)
 else
-    STEPS=(env bench_28 choose train pack); CAPS=(8 50 5 rest 20)
+    STEPS=(env bench_28 choose train pack); CAPS=(8 60 5 rest 20)
 fi
 FIXED=0
 for c in "${CAPS[@]}"; do [ "$c" = rest ] || FIXED=$((FIXED + c)); done
