@@ -127,14 +127,19 @@ def test_stacked_seeds_with_a_cuda_graph(tmp_path):
     assert abs(summaries[1]["final_test_acc"] - alone["final_test_acc"]) < 0.05
 
 
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke")  # digits prepared once for the 32 smoke runs
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
 @pytest.mark.parametrize("variant", list(catalog.VARIANTS))
-def test_every_variant_trains_on_cuda(tmp_path, variant, graph):
+def test_every_variant_trains_on_cuda(tmp_path, digits_root, variant, graph):
     """The CUDA smoke test: 2 digits epochs of each variant, eager and captured; a run may
     diverge (some variants do at these settings: a result), never crash."""
-    cfg = _digits(tmp_path, device="cuda", variant=variant, epochs=2, image_size=8, cuda_graph=graph)
+    cfg = _digits(digits_root, device="cuda", variant=variant, epochs=2, image_size=8, cuda_graph=graph)
     summary = train(cfg, tmp_path / "run", log=quiet)
     assert summary["status"] in ("completed", "diverged")
     assert summary["epochs_completed"] == 2 or summary["status"] == "diverged"
