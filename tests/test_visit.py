@@ -181,6 +181,26 @@ def test_pack_and_import_a_finished_run(tmp_path, finished_run):
     assert again.kept == [RUN] and not again.added  # complete here: kept
 
 
+def test_import_replaces_a_partial_run_here_only_by_one_further_along(tmp_path, finished_run):
+    dest = _clone(tmp_path, finished_run)
+    here = dest / RUN
+    shutil.copytree(finished_run / RUN, here)
+    (here / "summary.json").unlink()  # stopped here after the same epoch: partial
+    partial = transfer.pack_runs(finished_run, [(RUN, None)], tmp_path / "p")  # complete there
+    with tarfile.open(partial.files[0]) as tar:
+        assert f"{RUN}/summary.json" in tar.getnames()
+    done = transfer.import_runs(partial.files, dest, log=lambda *_: None)
+    assert done.replaced == [RUN] and (here / "summary.json").exists() and not (here / "checkpoint.pt").exists()
+    # a partial tarball run (its checkpoint travels) is no better than the complete run here
+    src = tmp_path / "src2"
+    shutil.copytree(finished_run, src)
+    (src / RUN / "summary.json").unlink()
+    stopped = transfer.pack_runs(src, [(RUN, None)], tmp_path / "s")
+    with tarfile.open(stopped.files[0]) as tar:
+        assert f"{RUN}/checkpoint.pt" in tar.getnames()
+    assert transfer.import_runs(stopped.files, dest, log=lambda *_: None).kept == [RUN]
+
+
 def test_import_needs_the_processed_data_first(tmp_path, finished_run):
     packed = transfer.pack_runs(finished_run, [(RUN, None)], tmp_path / "out")
     (tmp_path / "bare").mkdir()
