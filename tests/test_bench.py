@@ -42,6 +42,7 @@ def test_table_has_a_row_for_every_method_and_says_why_one_did_not_run(tmp_path,
     assert rows["cuda_graph"]["status"] == "not available on cpu"
     assert rows["compile_cudagraphs"]["status"] == "not available on cpu"
     assert rows["stacked_graph"]["status"] == "not available on cpu" and rows["stacked_graph"]["models"] == 2
+    assert rows["processes_graph"]["status"] == "not available on cpu" and rows["processes_graph"]["models"] == 2
     assert rows["compile"]["status"] == "skipped" and "--compile-on-cpu" in rows["compile"]["note"]
     env = result["environment"]
     assert env["device"] == "cpu" and env["k"] == 2 and env["batch_size"] == 8 and env["torch"] == torch.__version__
@@ -58,6 +59,16 @@ def test_table_over_several_archs_and_variants(tmp_path):
         (a, v, m) for a in ("resnet8", "resnet14") for v in ("bn", "msr") for m in ("eager", "stacked")
     ]
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows)
+
+
+def test_table_at_fashion_mnist_shape(tmp_path):
+    out = tmp_path / "f.json"
+    args = [*TINY, "--variant", "msr_noise", "--methods", "eager,processes,stacked", "--k", "2", "--device", "cpu",
+            "--image-shape", "1,28,28", "--json", str(out)]
+    assert msr_main(["bench", *args]) == 0
+    result = json.loads(out.read_text())
+    assert result["environment"]["image_shape"] == [1, 28, 28]
+    assert [(r["method"], r["status"]) for r in result["rows"]] == [("eager", "ok"), ("processes", "ok"), ("stacked", "ok")]
 
 
 def test_a_failing_method_is_reported_and_the_table_goes_on(tmp_path, monkeypatch):
@@ -90,6 +101,7 @@ def test_compile_row_runs_on_cpu_when_asked(tmp_path):
         (["--methods", "eager,warp"], "valid methods"),
         (["--arch", "resnet9"], "6n+2"),
         (["--data-path", "--arch", "resnet8,resnet14"], "one arch and one variant"),
+        (["--image-shape", "28,28"], "C,H,W"),
     ],
 )
 def test_bad_requests_are_named(args, message, capsys):
@@ -189,9 +201,10 @@ def test_captured_stacked_step_trains_like_the_stacked_step(variant):
 def test_table_on_cuda_fills_every_row(tmp_path):
     out = tmp_path / "cuda.json"
     args = ["--arch", "resnet8", "--variant", "msr_noise", "--batch-size", "32", "--steps", "2", "--warmup", "2", "--repeats", "1",
-            "--methods", "eager,cuda_graph,processes,stacked,stacked_graph", "--k", "2", "--device", "cuda", "--json", str(out)]
+            "--methods", "eager,cuda_graph,processes,processes_graph,stacked,stacked_graph", "--k", "2", "--device", "cuda",
+            "--image-shape", "1,28,28", "--json", str(out)]
     assert msr_main(["bench", *args]) == 0
     rows = json.loads(out.read_text())["rows"]
-    methods = ("eager", "cuda_graph", "processes", "stacked", "stacked_graph")
+    methods = ("eager", "cuda_graph", "processes", "processes_graph", "stacked", "stacked_graph")
     assert [(r["method"], r["status"]) for r in rows] == [(m, "ok") for m in methods]
     assert all(r["timing"] == "cuda events" for r in rows if r["method"] != "processes")

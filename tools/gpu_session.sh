@@ -1,97 +1,139 @@
 #!/usr/bin/env bash
-# One prepared visit to a GPU machine (issue 10): correctness first, then the speed table.
+# A prepared GPU visit (issue 15), two commands back to back on one warm machine:
 #
-#   OUT=/some/dir tools/gpu_session.sh            # on the GPU machine, from the repo root
-#   OUT=/tmp/x tools/gpu_session.sh --dry-run     # anywhere: the same steps at toy sizes
+#   OUT=... tools/gpu_session.sh --quick               # command 1, 240 s: env, pytest -m gpu (the
+#                                                      #   CUDA smoke test of every variant included),
+#                                                      #   the bench at 32x32, digits CUDA vs CPU
+#   OUT=... tools/gpu_session.sh --train visit/plan.json   # command 2, 390 s: the bench at 28x28,
+#                                                      #   the fastest exact path chosen from it, then
+#                                                      #   the plan's runs under one deadline, packed
+#   add --dry-run to either: the same steps at toy sizes, anywhere (tests/test_gpu_session.py)
 #
-# Runs msr from the working tree (PYTHONPATH=src, the machine's own python3/torch; nothing is
-# installed). Every step has its own time limit and the whole visit a budget (default 540 s,
-# GPU_SESSION_BUDGET_S); a step that no longer fits is recorded as skipped, a failing or
-# timed-out step is recorded and the next one runs. Everything lands in $OUT:
-#   steps.tsv            step, status (ok|failed|timeout|skipped), exit code, seconds
-#   env.txt              GPU, driver, torch/CUDA/cuDNN versions
-#   <step>.log           each step's output
-#   bench_*.json         `msr bench` tables (written after every row: a cut-short step keeps rows)
-#   digits_compare.json  the same short digits run on CUDA and on the CPU, side by side
-#   summary.md           all of the above in one page
-# Without --dry-run on a machine with no GPU, the CUDA steps fail quickly with their reason and
-# the rest still runs. Exit status: 0 if every step that ran passed, 1 otherwise.
-# GPU_SESSION_STEPS=env,bench_a,... runs only the steps named (the others: "not selected").
+# The plan is made HERE, where Snakemake is (msr plan-runs; docs/gpu-visit.md has every command),
+# and travels with the tree; the device runs msr from the tree (PYTHONPATH=src, its own python3 and
+# torch), never make or pip. Every step has a cap, and the caps add up inside the budget
+# (GPU_SESSION_BUDGET_S; checked before anything runs); a step that no longer fits is skipped,
+# a failing or timed-out one is recorded and the next one runs.
+#
+# $OUT receives at most 8 files and no folder (the device returns at most 8 files):
+#   summary.md        what was measured, against the goals (msr visit-report summary)
+#   steps.tsv         step, status (ok|failed|timeout|skipped|not selected), exit code, seconds, cap
+#                     (rewritten after every step: a visit cut short still says how far it got)
+#   session.tar.gz    every log, bench table, status.json, the digits runs (no checkpoints)
+#   runs-<i>.tar.gz   (--train, at most 4 of at most 14 MiB) the trained runs for `msr import`
+# GPU_SESSION_STEPS=env,bench_32,... runs only the steps named. Exit status: 0 if every step
+# that ran passed.
 set -uo pipefail
 
-DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-if [ $# -gt 0 ]; then echo "usage: OUT=DIR $0 [--dry-run]" >&2; exit 2; fi
+usage() { echo "usage: OUT=DIR $0 --quick | --train PLAN  [--dry-run]" >&2; exit 2; }
+MODE=; PLAN=; DRY=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) MODE=quick ;;
+        --train) MODE=train; PLAN=${2:-}; [ -n "$PLAN" ] || usage; shift ;;
+        --dry-run) DRY=1 ;;
+        *) usage ;;
+    esac
+    shift
+done
+[ -n "$MODE" ] || usage
 
 cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-/tmp/msr-gpu-session-$(date +%Y%m%d-%H%M%S)}
+if [ "$MODE" = train ] && [ ! -f "$PLAN" ]; then echo "$0: no plan file $PLAN (make it with msr plan-runs)" >&2; exit 2; fi
+OUT=${OUT:-/tmp/msr-gpu-$MODE-$(date +%Y%m%d-%H%M%S)}
 PY=${PYTHON:-python3}
-BUDGET=${GPU_SESSION_BUDGET_S:-540}
-RESERVE=15  # seconds kept for the summary at the end
+if [ "$MODE" = quick ]; then BUDGET=${GPU_SESSION_BUDGET_S:-240}; else BUDGET=${GPU_SESSION_BUDGET_S:-390}; fi
+RESERVE=20  # seconds kept for the summary and the session tarball
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+unset MSR_PREFORK_SOCKET
 mkdir -p "$OUT" || exit 2
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 START=$SECONDS
 FAILED=0
-printf 'step\tstatus\trc\tseconds\n' > "$OUT/steps.tsv"
+CPUS=$(nproc 2>/dev/null || echo 2)
+printf 'step\tstatus\trc\tseconds\tcap\n' > "$WORK/steps.tsv"
+cp "$WORK/steps.tsv" "$OUT/steps.tsv"
 
-# step NAME CAP_S MIN_S CMD...: run CMD with a limit of min(CAP, what the budget has left)
+# the steps of each mode and their caps in seconds; a step whose cap is "rest" gets what the
+# others leave (the training phase)
+if [ "$MODE" = quick ]; then
+    STEPS=(env gpu_tests bench_32 digits digits_compare); CAPS=(10 90 65 45 5)
+else
+    STEPS=(env bench_28 choose train pack); CAPS=(8 60 5 rest 20)
+fi
+FIXED=0
+for c in "${CAPS[@]}"; do [ "$c" = rest ] || FIXED=$((FIXED + c)); done
+REST=$((BUDGET - RESERVE - FIXED))
+if [ "$REST" -lt 0 ] || { [ "$MODE" = train ] && [ "$REST" -lt 60 ]; }; then
+    echo "$0: the step caps ($FIXED s + $RESERVE s reserve) do not fit the budget of $BUDGET s" >&2
+    exit 2
+fi
+cap_of() { local i; for i in "${!STEPS[@]}"; do [ "${STEPS[$i]}" = "$1" ] && { [ "${CAPS[$i]}" = rest ] && echo "$REST" || echo "${CAPS[$i]}"; return; }; done; echo 0; }
+
+# step NAME MIN_S CMD...: run CMD with a limit of min(its cap, what the budget has left)
 step() {
-    local name=$1 cap=$2 min=$3; shift 3
+    local name=$1 min=$2; shift 2
+    local cap; cap=$(cap_of "$name")
     if [ -n "${GPU_SESSION_STEPS:-}" ] && [[ ",$GPU_SESSION_STEPS," != *",$name,"* ]]; then
-        printf '%s\tnot selected\t-\t0\n' "$name" >> "$OUT/steps.tsv"
+        printf '%s\tnot selected\t-\t0\t%s\n' "$name" "$cap" >> "$WORK/steps.tsv"
+        cp "$WORK/steps.tsv" "$OUT/steps.tsv"
         return 0
     fi
     local left=$((BUDGET - (SECONDS - START) - RESERVE))
     local limit=$((cap < left ? cap : left))
     if [ "$limit" -lt "$min" ]; then
-        printf '%s\tskipped\t-\t0\n' "$name" >> "$OUT/steps.tsv"
+        printf '%s\tskipped\t-\t0\t%s\n' "$name" "$cap" >> "$WORK/steps.tsv"
+        cp "$WORK/steps.tsv" "$OUT/steps.tsv"
         echo "[gpu_session] $name: skipped (${left}s of budget left, needs ${min}s)"
         return 0
     fi
     echo "[gpu_session] $name: running (limit ${limit}s)"
     local t0=$SECONDS rc status
+    export STEP_LIMIT=$limit
     if declare -F "$1" > /dev/null; then  # a function of this script: timeout needs a program
-        timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" > "$OUT/$name.log" 2>&1
+        timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" > "$WORK/$name.log" 2>&1
     else
-        timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+        timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
     fi
     rc=$?
     if [ $rc -eq 0 ]; then status=ok; elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout; else status=failed; fi
     [ $rc -eq 0 ] || FAILED=1
-    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - t0))" >> "$OUT/steps.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - t0))" "$cap" >> "$WORK/steps.tsv"
+    cp "$WORK/steps.tsv" "$OUT/steps.tsv"
     echo "[gpu_session] $name: $status (exit $rc, $((SECONDS - t0))s)"
-    tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
+    tail -n 3 "$WORK/$name.log" | sed 's/^/    /'
     return 0
 }
 
 if [ $DRY -eq 1 ]; then
     # toy sizes; the bench runs on whatever device there is, the CUDA-only steps still ask for CUDA
-    BENCH_DEV=auto
-    BENCH=(--batch-size 16 --n-train 64 --steps 2 --warmup 1 --repeats 1 --k 2)
-    ARCH_A=resnet8; ARCH_B=resnet14; VARIANTS=bn,msr_noise
-    DIGITS=(--arch resnet8 --epochs 1)
-    GPU_TESTS=(tests/test_bench.py tests/test_gpu_slots.py)
-    TRAIN_TESTS=(tests/test_train.py -k cuda)
+    DEV=auto
+    BENCH=(--arch resnet8 --batch-size 16 --n-train 64 --steps 2 --warmup 1 --repeats 1)
+    K_PROCS=2; K_STACK=2
+    DIGITS=(--arch resnet8 --epochs 1 --image-size 8)
+    GPU_TESTS=(tests/test_bench.py)
 else
-    BENCH_DEV=cuda
-    BENCH=(--batch-size 128 --steps 50 --warmup 10 --repeats 3 --k 4)
-    ARCH_A=resnet20; ARCH_B=resnet56,resnet110; VARIANTS=bn,msr_noise
-    DIGITS=(--arch resnet20 --epochs 3)
-    mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)  # the files with CUDA tests
-    TRAIN_TESTS=(tests/test_train.py)
+    DEV=cuda
+    BENCH=(--arch resnet20 --batch-size 128 --steps 10 --warmup 3 --repeats 3)
+    K_PROCS=8; K_STACK=5  # 28x28: 8 runs at once; 5 seeds = one cell of the grid
+    DIGITS=(--arch resnet20)  # the digits defaults: 10 epochs at 16x16
+    # the files with CUDA tests; the smoke test of every variant (test_cuda_graph.py) last, so a
+    # cap that cuts it short keeps the other results
+    mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py | grep -v test_cuda_graph.py; echo tests/test_cuda_graph.py)
 fi
+DIGITS_VARIANTS=bn,msr
+DIGITS_TOLERANCE=0.03  # |test acc CUDA - CPU| per variant: about 11 of digits' 360 test images
 
 env_info() {
-    echo "date: $(date -Is)  host: $(hostname)  dry_run: $DRY  budget: ${BUDGET}s"
+    echo "date: $(date -Is)  host: $(hostname)  mode: $MODE  dry_run: $DRY  budget: ${BUDGET}s"
     echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed files"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi: not available"
     "$PY" - <<'EOF'
-import platform, torch
+import os, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
-      "| cuda available", torch.cuda.is_available(), "| cpus", len(__import__("os").sched_getaffinity(0)))
+      "| cuda available", torch.cuda.is_available(), "| cpus", len(os.sched_getaffinity(0)))
 if torch.cuda.is_available():
     print("device:", torch.cuda.get_device_name(0), "| cuDNN", torch.backends.cudnn.version(),
           "| capability", torch.cuda.get_device_capability(0))
@@ -104,55 +146,76 @@ for mod in ("numpy", "pandas", "sklearn", "yaml", "tqdm", "pytest", "snakemake",
 EOF
 }
 
-compare_digits() {
-    "$PY" - "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-rows = {}
-for dev in ("cuda", "cpu"):
-    p = out / "digits" / dev / "summary.json"
-    rows[dev] = json.loads(p.read_text()) if p.exists() else None
-keys = ["status", "final_test_acc", "final_train_acc", "epochs_completed", "train_seconds", "images_per_s", "peak_memory_mb"]
-table = {dev: ({k: s.get(k) for k in keys} if s else "no summary (run failed or skipped)") for dev, s in rows.items()}
-if rows["cuda"] and rows["cpu"]:
-    table["same_status"] = rows["cuda"]["status"] == rows["cpu"]["status"]
-    table["test_acc_difference"] = rows["cuda"]["final_test_acc"] - rows["cpu"]["final_test_acc"]
-(out / "digits_compare.json").write_text(json.dumps(table, indent=2) + "\n")
-print(json.dumps(table, indent=2))
-sys.exit(0 if rows["cuda"] and rows["cpu"] and table["same_status"] else 1)
-EOF
+# the same digits runs on CUDA and on the CPU at once (the CPU ones get most cores)
+digits_runs() {
+    local v pids=() half=$(( (CPUS - 4) / 2 > 1 ? (CPUS - 4) / 2 : 1 ))
+    for v in ${DIGITS_VARIANTS//,/ }; do
+        "$PY" -m msr train --dataset digits --variant "$v" --seed 0 --device cuda --threads 2 "${DIGITS[@]}" \
+            --data-root "$WORK/data" --out "$WORK/digits/cuda/$v" --progress lines > "$WORK/digits_cuda_$v.log" 2>&1 & pids+=($!)
+        "$PY" -m msr train --dataset digits --variant "$v" --seed 0 --device cpu --threads "$half" "${DIGITS[@]}" \
+            --data-root "$WORK/data" --out "$WORK/digits/cpu/$v" --progress lines > "$WORK/digits_cpu_$v.log" 2>&1 & pids+=($!)
+    done
+    local rc=0 p
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    tail -n 1 "$WORK"/digits_*.log
+    return $rc
 }
 
-export OUT PY DRY BUDGET
-export -f env_info compare_digits
-step env 30 5 env_info
-step gpu_tests 150 20 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors "${GPU_TESTS[@]}" --junitxml="$OUT/gpu_tests.xml"
-step bench_a 150 40 "$PY" -m msr bench --device "$BENCH_DEV" --arch "$ARCH_A" --variant "$VARIANTS" \
-    --methods eager,cuda_graph,processes,stacked,stacked_graph "${BENCH[@]}" --json "$OUT/bench_a.json"
-step digits_cuda 90 20 "$PY" -m msr train --dataset digits --variant msr --seed 0 --device cuda "${DIGITS[@]}" \
-    --data-root "$WORK/data" --out "$OUT/digits/cuda" --progress lines
-step digits_cpu 90 20 "$PY" -m msr train --dataset digits --variant msr --seed 0 --device cpu "${DIGITS[@]}" \
-    --data-root "$WORK/data" --out "$OUT/digits/cpu" --progress lines
-step digits_compare 20 5 compare_digits
-step bench_b 180 40 "$PY" -m msr bench --device "$BENCH_DEV" --arch "$ARCH_B" --variant "$VARIANTS" \
-    --methods eager,cuda_graph,processes,stacked,stacked_graph "${BENCH[@]}" --json "$OUT/bench_b.json"
-step train_tests 120 30 "$PY" -m pytest -q -rs -p no:cacheprovider "${TRAIN_TESTS[@]}" --junitxml="$OUT/train_tests.xml"
-step bench_compile 200 60 "$PY" -m msr bench --device "$BENCH_DEV" --arch "$ARCH_A" --variant msr_noise \
-    --methods eager,compile,compile_cudagraphs "${BENCH[@]}" --json "$OUT/bench_compile.json"
+# the 28x28 table: K processes (eager / graph) and 5 stacked seeds (a cell of the grid)
+bench_28() {
+    "$PY" -m msr bench --device "$DEV" "${BENCH[@]}" --variant msr_noise --image-shape 1,28,28 --k "$K_PROCS" \
+        --methods eager,cuda_graph,processes,processes_graph --json "$WORK/bench_28.json" || return 1
+    "$PY" -m msr bench --device "$DEV" "${BENCH[@]}" --variant msr_noise --image-shape 1,28,28 --k "$K_STACK" \
+        --methods stacked,stacked_graph --json "$WORK/bench_28_stacked.json"
+}
 
-# one page: the steps and every table measured
-{
-    echo "# GPU session $(date -Is) (dry run: $DRY)"
-    echo; echo '```'; cat "$OUT/env.log" 2>/dev/null; echo '```'
-    echo; echo "## Steps"; echo '```'; column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"; echo '```'
-    for f in "$OUT"/bench_*.json; do
-        [ -e "$f" ] || continue
-        echo; echo "## $(basename "$f")"; echo '```'
-        "$PY" -c 'import json, sys; from msr.infra.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))' "$f" 2>&1
-        echo '```'
-    done
-    if [ -e "$OUT/digits_compare.json" ]; then echo; echo "## digits, CUDA vs CPU"; echo '```'; cat "$OUT/digits_compare.json"; echo '```'; fi
-} > "$OUT/summary.md"
-echo "[gpu_session] done in $((SECONDS - START))s; see $OUT/summary.md"
+choose() {
+    local files=()
+    for f in "$WORK"/bench_28*.json; do [ -e "$f" ] && files+=("$f"); done
+    [ ${#files[@]} -gt 0 ] || { echo "no bench table: eager, one process"; echo "1 1" > "$WORK/choice.txt"; return 0; }
+    "$PY" -m msr visit-report choose "${files[@]}" --out "$WORK/choice.json" > "$WORK/choice.txt"
+    cat "$WORK/choice.txt"
+}
+
+train_plan() {
+    local procs=1 stack=1 extra=
+    [ -s "$WORK/choice.txt" ] && read -r procs stack extra < "$WORK/choice.txt"
+    local threads=$(( CPUS / procs > 1 ? CPUS / procs : 1 ))
+    # stop the runs 25 s before this step's own limit: SIGTERM, the grace, status.json
+    local deadline=$(( STEP_LIMIT - 25 > 10 ? STEP_LIMIT - 25 : 10 ))
+    echo "run-plan: $procs process(es), stack $stack, extra '$extra', $threads thread(s) each, deadline ${deadline}s"
+    "$PY" -m msr run-plan "$PLAN" --procs "$procs" --stack "$stack" --extra "$extra" --threads "$threads" \
+        --deadline-s "$deadline" --grace-s 10 --min-start-s 20 --status "$WORK/status.json"
+}
+
+export OUT PY DRY BUDGET WORK PLAN MODE CPUS DEV DIGITS_VARIANTS K_PROCS K_STACK
+export -f env_info digits_runs bench_28 choose train_plan
+export DIGITS_STR="${DIGITS[*]}" BENCH_STR="${BENCH[*]}"
+# functions run in a child bash: arrays do not cross, so they are rebuilt there
+digits_runs_() { DIGITS=($DIGITS_STR); digits_runs; }
+bench_28_() { BENCH=($BENCH_STR); bench_28; }
+export -f digits_runs_ bench_28_
+
+if [ "$MODE" = quick ]; then
+    step env 3 env_info
+    step gpu_tests 20 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${GPU_TESTS[@]}" --junitxml="$WORK/gpu_tests.xml"
+    step bench_32 20 "$PY" -m msr bench --device "$DEV" "${BENCH[@]}" --variant bn,msr_noise --image-shape 3,32,32 --k "$((K_PROCS / 2))" \
+        --methods eager,cuda_graph,processes,processes_graph,stacked,stacked_graph --json "$WORK/bench_32.json"
+    step digits 15 digits_runs_
+    step digits_compare 2 "$PY" -m msr visit-report compare "$WORK/digits" --variants "$DIGITS_VARIANTS" \
+        --tolerance "$DIGITS_TOLERANCE" --out "$WORK/digits_compare.json"
+else
+    step env 3 env_info
+    step bench_28 20 bench_28_
+    step choose 2 choose
+    step train 60 train_plan
+    step pack 5 "$PY" -m msr pack-runs --status "$WORK/status.json" --out "$OUT" --max-files 4 --max-mib 14
+fi
+
+# the page, then everything else in one tarball (the digits runs without their checkpoints)
+"$PY" -m msr visit-report summary "$WORK" --mode "$MODE" ${PLAN:+--plan "$PLAN"} --out "$OUT/summary.md" \
+    || echo "# GPU visit: $MODE (the summary failed; see session.tar.gz)" > "$OUT/summary.md"
+tar -czf "$OUT/session.tar.gz" -C "$WORK" --exclude=checkpoint.pt --exclude=data --exclude=.lock . 2>/dev/null
+cp "$WORK/steps.tsv" "$OUT/steps.tsv"
+echo "[gpu_session] done in $((SECONDS - START))s; $(ls "$OUT" | wc -l) files in $OUT; see $OUT/summary.md"
 exit $FAILED

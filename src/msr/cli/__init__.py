@@ -4,6 +4,7 @@
     msr prepare | download | datasets         msr.cli.data
     msr aggregate | manifest | verify | reproduce   msr.cli.analysis
     msr bench | comm | prefork | reset-run    msr.cli.tools
+    msr plan-runs | run-plan | pack-runs | import   msr.cli.visit (runs trained elsewhere)
 
 Building the parser imports no torch (names come from msr.catalog); a command imports what it
 needs when it runs. Bad input ends with one line naming the problem and exit status 2 - no
@@ -17,9 +18,9 @@ import os
 import sys
 
 from msr import __version__
-from msr.cli import analysis, data, tools, training
+from msr.cli import analysis, data, tools, training, visit
 
-GROUPS = (training, data, analysis, tools)
+GROUPS = (training, data, analysis, tools, visit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from msr.cli.common import split_list
 
 # the bench's methods, listed here without importing torch (msr.infra.bench.METHODS; a test
 # checks the two agree)
-BENCH_METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "stacked", "stacked_graph")
+BENCH_METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "processes_graph", "stacked", "stacked_graph")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +54,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated subset of {', '.join(BENCH_METHODS)} (default: all)")
     p.add_argument("--k", type=int, default=None, help="models for 'processes' and 'stacked*' (default 4; on a CPU at most its cores)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-shape", default="3,32,32", metavar="C,H,W",
+                   help="synthetic images of the table (default 3,32,32: CIFAR; 1,28,28: Fashion-MNIST)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")

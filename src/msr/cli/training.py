@@ -7,7 +7,7 @@ import argparse
 import yaml
 
 from msr import catalog
-from msr.cli.common import fail, load_config_file, parse_override
+from msr.cli.common import fail, load_config_file, parse_override, split_list
 from msr.training import config
 
 
@@ -23,12 +23,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", help="YAML/JSON file with any of the options below (keys use underscores)")
-    p.add_argument("--out", help="run directory (required)")
+    p.add_argument("--out", help="run directory (required); with --seeds a path with {seed} in it")
     p.add_argument("--dataset", help=f"one of {', '.join(catalog.DATASETS)} (default {d['dataset']})")
     p.add_argument("--arch", help=f"resnetN with N = 6n+2 (default {d['arch']})")
     p.add_argument("--variant", help=f"one of {', '.join(catalog.VARIANTS)} (default {d['variant']})")
     p.add_argument("--epochs", type=int, help="default: the dataset's (msr datasets lists them)")
     p.add_argument("--seed", type=int, help=f"default {d['seed']}")
+    p.add_argument("--seeds", type=split_list, metavar="LIST",
+                   help="several seeds of the same run, e.g. 0,1,2, each into --out with {seed} replaced")
+    p.add_argument("--stacked", action="store_true",
+                   help="with --seeds: train them stacked in one process (torch.func; msr.training.stacked_loop)")
     p.add_argument("--lr", type=float, help="base (conv-group) lr; other groups keep their ratio (default: the variant's)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="default: the dataset's (msr datasets lists them)")
     p.add_argument("--noise-delta", dest="noise_delta", type=float,
@@ -44,6 +48,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=config.PRECISIONS,
                    help=f"autocast precision (default {d['precision']}: bf16 on CUDA, fp32 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA)")
+    p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
+                   help="capture the whole step as one CUDA graph (CUDA; bf16/fp32)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--probe-every", dest="probe_every", type=int, help=f"steps between probes (default {d['probe_every']})")
     p.add_argument("--eval-every", dest="eval_every", type=int, metavar="E",
@@ -87,6 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     gpu_wait = opts.pop("gpu_wait", None)
     sync_bn = opts.pop("sync_bn", None)
     joined = False
+    seeds, stacked = opts.pop("seeds", None), opts.pop("stacked", False)
     try:
         # torchrun's environment (WORLD_SIZE > 1) makes this one rank of a data-parallel run
         dist = distributed.from_env(sync_bn=sync_bn is not False)
@@ -104,15 +111,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         values.update(opts)
         if overrides:
             values["overrides"] = overrides
+        runs = _seed_runs(values, str(out), seeds, stacked)
         if gpu_slots:  # before RunConfig: validating device='cuda' would start CUDA on every GPU
             from msr.infra.gpu import claim_for_run
 
             claim_for_run(gpu_slots, str(values.get("device", "auto")), wait_s=gpu_wait)
-        cfg = RunConfig.from_dict(values)
+        cfgs = [RunConfig.from_dict(v) for v, _ in runs]
         if dist is not None:
-            distributed.init_process_group(dist, cfg.resolved_device().type)
+            if len(runs) > 1:
+                raise ValueError("--seeds does not combine with torchrun: a data-parallel run is one seed")
+            distributed.init_process_group(dist, cfgs[0].resolved_device().type)
             joined = True
-        summary = train(cfg, out, progress=progress, dist=dist)  # ranks > 0 are quiet
+        if stacked:
+            from msr.training.stacked_loop import train_stacked
+
+            summaries = train_stacked(cfgs, [o for _, o in runs], progress=progress)
+        else:  # ranks > 0 of a data-parallel run are quiet
+            summaries = [train(cfg, o, progress=progress, dist=dist) for cfg, (_, o) in zip(cfgs, runs, strict=True)]
     except (ConfigError, RunDirError, DatasetError, distributed.DistributedError, OSError, ValueError, yaml.YAMLError) as e:
         # RunDirError: a damaged / locked run directory or a full disk, already one line that
         # names the file and what to do
@@ -120,7 +135,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if joined:
             distributed.leave()
-    return 0 if summary["status"] in ("completed", "diverged") else 1
+    return 0 if all(s["status"] in ("completed", "diverged") for s in summaries) else 1
+
+def _seed_runs(values: dict, out: str, seeds: list[str] | None, stacked: bool) -> list[tuple[dict, str]]:
+    """(config values, run directory) of each run the command asks for: one, or one per seed."""
+    if seeds is None:
+        if stacked:
+            raise ValueError("--stacked trains several seeds: give them with --seeds, e.g. --seeds 0,1,2")
+        if "{seed}" in out:
+            raise ValueError("--out has {seed} in it: give the seeds with --seeds (or write the path out)")
+        return [(values, out)]
+    if "seed" in values:
+        raise ValueError("give either --seed or --seeds, not both")
+    try:
+        numbers = [int(s) for s in seeds]
+    except ValueError:
+        raise ValueError(f"--seeds {','.join(seeds)}: seeds are integers, e.g. --seeds 0,1,2") from None
+    if not numbers or len(set(numbers)) != len(numbers):
+        raise ValueError(f"--seeds {','.join(seeds)}: give each seed once")
+    if "{seed}" not in out:
+        raise ValueError("--out needs {seed} in it with --seeds (one run directory per seed), e.g. runs/msr/seed{seed}")
+    return [({**values, "seed": n}, out.replace("{seed}", str(n))) for n in numbers]
 
 
 def cmd_variants(args: argparse.Namespace) -> int:

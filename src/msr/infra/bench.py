@@ -15,6 +15,7 @@ Two reports.
 - ``processes``: K runs at once as K processes (the same eager step, each its own seed and
   data), started together after their warm-up; images/s is all K together, over the wall time
   from the first start to the last end;
+- ``processes_graph``: the same with each process's step a CUDA graph (``cuda_graph``); CUDA only;
 - ``stacked``: K seeds of the variant stacked in one process (``msr.training.stacked``);
 - ``stacked_graph``: that stacked step captured as one CUDA graph (msr.training.step.GraphedStep;
   the per-model noise generators are registered with the graph); CUDA only.
@@ -28,7 +29,8 @@ device-resident loader and a conventional torchvision-style ``DataLoader`` of PI
 per-sample transforms - plus the shares of the step spent in the gradient modification and the
 noise modules.
 
-The data is synthetic and CIFAR-10-shaped (msr.catalog), so both run anywhere offline.
+The data is synthetic - CIFAR-10-shaped (msr.catalog) unless ``--image-shape`` says otherwise
+(``1,28,28``: Fashion-MNIST's) - so both run anywhere offline.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from msr.core.method import BlockInputNoise
 from msr.core.models import parse_arch
 from msr.core.variants import Variant, build
 from msr.data.cifar import CIFAR_CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD
+from msr.data.fashion_mnist import CROP_PADDING as FASHION_CROP_PADDING
+from msr.infra.benchtable import TABLE_HEADER, format_environment, format_row
 from msr.training.step import GraphedStep, OneModel, TrainStep
 
 # the bench's generated data stand in for CIFAR-10 (the paper's dataset): its shape and classes
@@ -295,21 +299,28 @@ def format_data_path(r: dict) -> str:
 
 
 # =========================================================================== comparison table
-METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "stacked", "stacked_graph")
-CUDA_ONLY = ("compile_cudagraphs", "cuda_graph", "stacked_graph")
+METHODS = ("eager", "compile", "compile_cudagraphs", "cuda_graph", "processes", "processes_graph", "stacked", "stacked_graph")
+CUDA_ONLY = ("compile_cudagraphs", "cuda_graph", "processes_graph", "stacked_graph")
 IMAGE_SHAPE = (_CIFAR.channels, _CIFAR.native_size, _CIFAR.native_size)
 NUM_CLASSES = _CIFAR.num_classes
 
 
-def synthetic_loader(n: int, batch_size: int, seed: int, device: torch.device, channels_last: bool) -> Iterator:
-    """Endless batches of random CIFAR-shaped uint8 images through msr's DeviceLoader (crop +
-    flip + normalize on the device, as a CIFAR run does); content does not matter for speed."""
+def synthetic_loader(n: int, batch_size: int, seed: int, device: torch.device, channels_last: bool,
+                     image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> Iterator:
+    """Endless batches of random uint8 images of ``image_shape`` (CIFAR's by default, (1, 28, 28)
+    for Fashion-MNIST) through msr's DeviceLoader (crop + flip + normalize on the device, as a
+    training run does); content does not matter for speed."""
     g = torch.Generator().manual_seed(1000 + seed)
-    images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, *image_shape), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    # CIFAR's normalization and crop for colour images, Fashion-MNIST's crop for grey ones (its
+    # normalization statistics need no precision here: the content does not matter for speed)
+    colour = image_shape[0] == 3
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if colour else ((0.5,) * image_shape[0], (0.25,) * image_shape[0])
+    crop_padding = CIFAR_CROP_PADDING if colour else FASHION_CROP_PADDING
     loader = msr_data.DeviceLoader(
-        images, labels, batch_size=batch_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=True,
-        seed=seed, crop_padding=CIFAR_CROP_PADDING, flip=True, device=device, channels_last=channels_last,
+        images, labels, batch_size=batch_size, mean=mean, std=std, train=True, seed=seed,
+        crop_padding=crop_padding, flip=True, device=device, channels_last=channels_last,
     )
 
     def epoch(e: int) -> Iterator:
@@ -377,9 +388,9 @@ class GraphStepper:
         return self.step(x, y).loss
 
 
-def _build_variant(variant: str, arch: str, seed: int) -> Variant:
+def _build_variant(variant: str, arch: str, seed: int, in_channels: int = IMAGE_SHAPE[0]) -> Variant:
     torch.manual_seed(seed)
-    return build(variant, depth=parse_arch(arch), num_classes=NUM_CLASSES, in_channels=IMAGE_SHAPE[0])
+    return build(variant, depth=parse_arch(arch), num_classes=NUM_CLASSES, in_channels=in_channels)
 
 
 def _row(arch: str, variant: str, method: str, models: int, status: str = "ok", **fields) -> dict:
@@ -399,8 +410,8 @@ def _timing_name(device: torch.device) -> str:
 
 def bench_single(args, arch: str, variant: str, method: str, device: torch.device, amp_dtype) -> dict:
     """eager / compile / compile_cudagraphs / cuda_graph: one model, one process."""
-    v = _build_variant(variant, arch, seed=0)
-    batches = synthetic_loader(args.n_train, args.batch_size, 0, device, args.channels_last)
+    v = _build_variant(variant, arch, seed=0, in_channels=args.image_shape[0])
+    batches = synthetic_loader(args.n_train, args.batch_size, 0, device, args.channels_last, args.image_shape)
     timing = dict(steps=args.steps, warmup=args.warmup, repeats=args.repeats)
     note = ""
     if method == "cuda_graph":
@@ -430,9 +441,9 @@ def bench_stacked(args, arch: str, variant: str, device: torch.device, amp_dtype
     k = args.k
     noise = args.stacked_noise
     stacked = StackedSeeds(variant, list(range(k)), depth=parse_arch(arch), num_classes=NUM_CLASSES,
-                           in_channels=IMAGE_SHAPE[0], device=device, amp_dtype=amp_dtype, noise_rng=noise)
-    loaders = [synthetic_loader(args.n_train, args.batch_size, i, device, False) for i in range(k)]
-    xs = torch.empty((k, args.batch_size, *IMAGE_SHAPE), device=device)
+                           in_channels=args.image_shape[0], device=device, amp_dtype=amp_dtype, noise_rng=noise)
+    loaders = [synthetic_loader(args.n_train, args.batch_size, i, device, False, args.image_shape) for i in range(k)]
+    xs = torch.empty((k, args.batch_size, *args.image_shape), device=device)
     ys = torch.empty((k, args.batch_size), dtype=torch.long, device=device)
 
     def load() -> None:
@@ -471,9 +482,14 @@ def _worker(spec: dict) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] else None
-    v = _build_variant(spec["variant"], spec["arch"], seed=spec["seed"])
-    stepper = Stepper(v, device, amp_dtype, spec["channels_last"])
-    batches = synthetic_loader(spec["n_train"], spec["batch_size"], spec["seed"], device, spec["channels_last"])
+    shape = tuple(spec["image_shape"])
+    v = _build_variant(spec["variant"], spec["arch"], seed=spec["seed"], in_channels=shape[0])
+    batches = synthetic_loader(spec["n_train"], spec["batch_size"], spec["seed"], device, spec["channels_last"], shape)
+    if spec.get("graph"):  # each process's step as one CUDA graph (msr train --cuda-graph)
+        stepper = GraphStepper(v, device, amp_dtype, spec["channels_last"], spec["batch_size"])
+        stepper.capture(batches)
+    else:
+        stepper = Stepper(v, device, amp_dtype, spec["channels_last"])
     for _ in range(spec["warmup"]):
         stepper(*next(batches))
     _sync(device)
@@ -516,11 +532,12 @@ class _Proc:
         return got.strip()
 
 
-def bench_processes(args, arch: str, variant: str, device: torch.device, amp_dtype) -> dict:
+def bench_processes(args, arch: str, variant: str, device: torch.device, amp_dtype, graph: bool = False) -> dict:
     k = args.k
     threads = max(1, torch.get_num_threads() // k) if device.type == "cpu" else 1
     base = dict(arch=arch, variant=variant, device=str(device), amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
                 channels_last=args.channels_last, batch_size=args.batch_size, n_train=args.n_train, threads=threads,
+                image_shape=list(args.image_shape), graph=graph,
                 warmup=args.warmup, steps=args.steps, repeats=args.repeats)
     procs = [_Proc({**base, "seed": i}) for i in range(k)]
     deadline = time.monotonic() + args.worker_timeout
@@ -542,9 +559,9 @@ def bench_processes(args, arch: str, variant: str, device: torch.device, amp_dty
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     images = k * args.batch_size * args.steps * args.repeats
     per_proc = statistics.median(statistics.median(r["windows"]) for r in results)
-    return _row(arch, variant, "processes", k, ms_per_step=1e3 * per_proc, images_per_s=images / span,
+    return _row(arch, variant, "processes_graph" if graph else "processes", k, ms_per_step=1e3 * per_proc, images_per_s=images / span,
                 timing="wall (perf_counter + synchronize)", windows_ms=[1e3 * statistics.median(r["windows"]) for r in results],
-                note=f"{k} processes x {threads} thread(s); ms/step per process, img/s all together")
+                note=f"{k} processes x {threads} thread(s){', each a CUDA graph' if graph else ''}; ms/step per process, img/s all together")
 
 
 def _first_line(e: BaseException) -> str:
@@ -553,15 +570,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def bench_method(args, arch: str, variant: str, method: str, device: torch.device, amp_dtype) -> dict:
-    models = args.k if method in ("processes", "stacked", "stacked_graph") else 1
+    models = args.k if method in ("processes", "processes_graph", "stacked", "stacked_graph") else 1
     if method in CUDA_ONLY and device.type != "cuda":
         return _row(arch, variant, method, models, status="not available on cpu", note="needs CUDA")
     if method == "compile" and device.type == "cpu" and not args.compile_on_cpu:
         return _row(arch, variant, method, models, status="skipped",
                     note="on a CPU compiling costs 20-40 s and is no faster; --compile-on-cpu runs it")
     try:
-        if method == "processes":
-            return bench_processes(args, arch, variant, device, amp_dtype)
+        if method in ("processes", "processes_graph"):
+            return bench_processes(args, arch, variant, device, amp_dtype, graph=method == "processes_graph")
         if method in ("stacked", "stacked_graph"):
             return bench_stacked(args, arch, variant, device, amp_dtype, graph=method == "stacked_graph")
         return bench_single(args, arch, variant, method, device, amp_dtype)
@@ -580,6 +597,7 @@ def environment(device: torch.device, amp_dtype, args) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
         "precision": "bf16" if amp_dtype else "fp32", "channels_last": args.channels_last, "batch_size": args.batch_size,
+        "image_shape": list(args.image_shape),
         "steps_per_window": args.steps, "windows": args.repeats, "warmup_steps": args.warmup, "k": args.k,
         "hostname": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -607,34 +625,20 @@ def run_table(args, device: torch.device, log=print) -> dict:
     return result
 
 
-TABLE_HEADER = f"{'arch':<10} {'variant':<10} {'method':<19} {'models':>6} {'ms/step':>9} {'img/s':>9} {'x eager':>8}  note"
-
-
-def format_row(r: dict) -> str:
-    if r["status"] != "ok":
-        nums = f"{'-':>9} {'-':>9} {'-':>8}"
-        note = r["status"] + (f": {r['note']}" if r["note"] else "")
-    else:
-        x = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"
-        nums = f"{r['ms_per_step']:9.2f} {r['images_per_s']:9.0f} {x:>8}"
-        note = r["note"]
-    return f"{r['arch']:<10} {r['variant']:<10} {r['method']:<19} {r['models']:>6} {nums}  {note}"
-
-
-def format_environment(env: dict) -> str:
-    return (
-        f"msr bench: {env['device_name']} ({env['device']}; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
-        f"{env['threads']} threads of {env['cpus']} CPUs), {env['precision']}, channels_last={env['channels_last']}, "
-        f"batch {env['batch_size']}, K={env['k']}; median of {env['windows']} windows of {env['steps_per_window']} steps "
-        f"after {env['warmup_steps']} warm-up steps"
-    )
-
-
-def format_table(result: dict) -> str:
-    return "\n".join([format_environment(result["environment"]), TABLE_HEADER, *map(format_row, result["rows"])])
-
-
 # =========================================================================== command line
+def parse_image_shape(text: str | tuple) -> tuple[int, int, int]:
+    """``"1,28,28"`` -> (1, 28, 28): channels, height, width of the synthetic images."""
+    if isinstance(text, tuple):
+        return text
+    try:
+        shape = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or shape[0] < 1 or min(shape[1:]) < 4:
+        raise ValueError(f"--image-shape {text!r}: give C,H,W with C >= 1 and H, W >= 4, e.g. 1,28,28 (Fashion-MNIST) or 3,32,32 (CIFAR)")
+    return shape
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -665,6 +669,7 @@ def run(args) -> int:
             raise ValueError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
         if args.k is not None and args.k < 1:
             raise ValueError("--k must be >= 1")
+        args.image_shape = parse_image_shape(args.image_shape)
         if args.threads:
             torch.set_num_threads(args.threads)
         device = _resolve_device(args.device)

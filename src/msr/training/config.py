@@ -58,6 +58,8 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
     compile: bool = False
+    # the whole step as one CUDA graph (msr.training.step.GraphedStep); CUDA, bf16/fp32 only
+    cuda_graph: bool = False
     probe_every: int = 50  # steps between probes (also at step 0 and every epoch end)
     probe_batch: int = 256
     eval_batch_size: int = 1000
@@ -126,6 +128,11 @@ class RunConfig:
         need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads", "must be an integer >= 1")
         need(self.precision in PRECISIONS, "precision", f"valid: {', '.join(PRECISIONS)}")
         need(is_int(self.probe_every) and self.probe_every >= 1, "probe_every", "must be an integer >= 1")
+        need(isinstance(self.cuda_graph, bool), "cuda_graph", "must be true or false")
+        if self.cuda_graph:
+            need(not self.compile, "cuda_graph", "captures the eager step: use it or compile, not both")
+            need(self.precision != "fp16", "cuda_graph", "cannot capture fp16 loss scaling (it syncs with the host): use bf16 or fp32")
+            need(self.resolved_device().type == "cuda", "cuda_graph", "needs a CUDA device (device cuda, or auto on a machine with one)")
         need(is_int(self.probe_batch) and self.probe_batch >= 1, "probe_batch", "must be an integer >= 1")
         need(is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "eval_batch_size", "must be an integer >= 1")
         need(self.eval_every is None or (is_int(self.eval_every) and self.eval_every >= 1), "eval_every",

@@ -37,7 +37,7 @@ from msr.training.rundir import (
     read_probes,
     span,
 )
-from msr.training.step import OneModel, TrainStep
+from msr.training.step import GraphedStep, OneModel, TrainStep
 
 # Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
 # the first min(N, 1000) training images in their stored order - eval mode, no augmentation,
@@ -84,12 +84,27 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
 
 
 # --------------------------------------------------------------------------- the run
+
+def load_run_dataset(cfg: RunConfig) -> msr_data.Dataset:
+    """The dataset a run of ``cfg`` trains on: loaded, and cut to its ``train_subset`` (its
+    limits: RunConfig.validate, msr.catalog). Runs that share one (stacked seeds) load it once."""
+    ds = msr_data.load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    if cfg.train_subset is not None:
+        # normalization keeps the full training set's statistics: the subset changes how
+        # much the model sees, not how its input is scaled
+        keep = msr_data.stratified_subset(ds.train_y, cfg.train_subset)
+        ds = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
+    return ds
+
+
 class Run:
     """Everything one run holds; ``train()`` below is the readable loop that drives it."""
 
-    def __init__(self, cfg: RunConfig, out: Path, log=print, dist: Distributed | None = None):
+    def __init__(self, cfg: RunConfig, out: Path, log=print, dist: Distributed | None = None, *,
+                 dataset: msr_data.Dataset | None = None):
         """``dist``: this process's rank in a data-parallel run (msr.training.distributed), or
-        None for the single-process run."""
+        None for the single-process run. ``dataset``: what :func:`load_run_dataset` returns for
+        ``cfg`` (runs that share one, e.g. stacked seeds, load it once)."""
         self.cfg, self.out, self.log, self.dist = cfg, out, log, dist
         self.device = cfg.resolved_device()
         if dist is not None:
@@ -99,12 +114,7 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        ds = msr_data.load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
-        if cfg.train_subset is not None:  # its limits: RunConfig.validate (msr.catalog)
-            # normalization keeps the full training set's statistics: the subset changes how
-            # much the model sees, not how its input is scaled
-            keep = msr_data.stratified_subset(ds.train_y, cfg.train_subset)
-            ds = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
+        ds = load_run_dataset(cfg) if dataset is None else dataset
         self.dataset = ds
         torch.manual_seed(cfg.seed)  # the model's init is the first (and only) use of the global RNG before training
         self.variant: Variant = build(
@@ -173,7 +183,10 @@ class Run:
             clean_train_images=self.clean_train_loader.num_samples,
             variant_spec=dataclasses.asdict(self.variant.spec),
             n_params=sum(p.numel() for p in self.model.parameters()),
-            versions={"python": platform.python_version(), "torch": torch.__version__, "msr": msr.__version__},
+            versions={"python": platform.python_version(), "torch": torch.__version__, "msr": msr.__version__,
+                      **({"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()} if self.device.type == "cuda" else {})},
+            # GPU results are not bitwise comparable with CPU ones, nor between these paths
+            train_path=self.train_path,
             device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
             # CPU model, kernel ISA flags, torch/oneDNN/cuDNN, GPU: what a bitwise rerun needs
             # the same of (msr.machine). A record only: nothing reads it to decide a result.
@@ -183,17 +196,23 @@ class Run:
             rec["distributed"] = self.dist.record(self.variant.spec.norm, self.cfg.batch_size)
         return rec
 
+    def model_state(self) -> dict[str, Any]:
+        """What the checkpoint holds of the model, the optimizer and the random state (the
+        parts a run trained differently - stacked seeds - provides its own way)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(self.device)}
+
+    def restore_rng(self, state: dict[str, torch.Tensor]) -> None:
+        _set_rng_state(state, self.device)
+
     def save_checkpoint(self) -> None:
         atomic.torch_save(
             self.out / "checkpoint.pt",
             {
                 "epoch": self.epoch,
                 "step": self.step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                **self.model_state(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "rng": _rng_state(self.device),
                 "images_seen": self.images_seen,
                 "train_seconds": self.train_seconds,
                 "wall_seconds": self.wall_seconds,
@@ -254,7 +273,7 @@ class Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"], self.device)
+            self.restore_rng(ckpt["rng"])
             self.epoch, self.step, self.images_seen = ckpt["epoch"], ckpt["step"], ckpt["images_seen"]
             self.train_seconds, self.wall_seconds = ckpt["train_seconds"], ckpt["wall_seconds"]
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -312,16 +331,23 @@ class Run:
         return loss_sum.item() / n, correct.item() / n
 
     # ---- the step
-    def make_step(self) -> TrainStep:
+    def make_step(self) -> TrainStep | GraphedStep:
         """This run's training step (msr.training.step): its model's forward and loss, the
-        variant's hook, its optimizer; ``inspect`` measures the grad norm the update applies."""
+        variant's hook, its optimizer; ``inspect`` measures the grad norm the update applies.
+        With ``cuda_graph`` the same step, captured as one CUDA graph after 3 eager steps."""
         params = list(self.model.parameters())
         forward = self.forward
         if self.dist is not None:  # DDP averages the gradients in backward, before the variant's hook
             ddp = wrap(self.model, self.dist, self.device)
             forward = torch.compile(ddp) if self.cfg.compile else ddp
         objective = OneModel(self.variant, forward=forward, device_type=self.device.type, amp_dtype=self.amp_dtype)
-        return TrainStep(objective, self.optimizer, scaler=self.scaler, inspect=lambda: grad_norm(params))
+        step = TrainStep(objective, self.optimizer, scaler=self.scaler, inspect=lambda: grad_norm(params))
+        return GraphedStep(step) if self.cfg.cuda_graph else step
+
+    @property
+    def train_path(self) -> str:
+        """How the steps run: ``eager``, ``compile`` or ``cuda_graph`` (``stacked``: msr.training.stacked)."""
+        return "cuda_graph" if self.cfg.cuda_graph else "compile" if self.cfg.compile else "eager"
 
     def probe(self, last_grad_norm: torch.Tensor | None = None) -> None:
         gn = None if last_grad_norm is None else float(last_grad_norm)

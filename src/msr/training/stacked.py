@@ -27,8 +27,8 @@ each model stays exactly what its own run would be:
   CPU the stacked run reproduces the K separate runs to float tolerance
   (tests/test_stacked.py). ``"shared"`` draws every model's noise of a site in one call from
   the device's default generator: fewer kernels, same distribution, not equal to separate
-  runs - and safe to capture in a CUDA graph, which supports the default generator (custom
-  generators need extra registration there).
+  runs. Both are safe to capture in a CUDA graph: the default generator needs nothing, the
+  per-model generators are registered with the graph (msr.training.step.GraphedStep).
 
 The data stays per model too: ``step(xs, ys)`` takes ``xs`` of shape ``(K, B, C, H, W)``, each
 model's own batch (e.g. from K ``DeviceLoader``s seeded like the K runs).
@@ -40,8 +40,9 @@ tensors, so ``models[i]`` is always model i's current state: evaluate it, probe 
 Limits (each raises ``NotImplementedError`` naming it): gain noise (a per-filter draw shared by
 the batch inside ``GainConv2d``), a variant whose extra loss is not unity decay over named
 parameters, fp16 (needs loss scaling); channels_last is not used for the 5-D stacked tensors.
-Not wired into ``msr train``: a bench path (``msr bench``) and a library a GPU session can
-adopt once it is measured faster there.
+One step trains all K (``train_step``, msr.training.step.TrainStep: the same step as every
+other path). ``msr train --seeds ... --stacked`` (msr.training.stacked_loop) trains K runs this
+way into K ordinary run directories; ``msr bench`` measures it.
 """
 
 from __future__ import annotations
