@@ -116,7 +116,9 @@ def build_jobs(runs: Sequence[PlannedRun], *, threads: int | None = None, extra:
 # --------------------------------------------------------------------------- the run directories
 def run_state(out: str | Path) -> dict[str, Any]:
     """What a run directory holds now: completed / diverged (summary.json), partial (a
-    checkpoint: E epochs done), not_started; with its steps and train seconds."""
+    checkpoint; E = the epochs metrics.csv holds - a job stopped between writing metrics.csv and
+    its checkpoint holds one epoch more than the checkpoint, and a resume trains that one again),
+    not_started; with its steps and train seconds."""
     out = Path(out)
     summary = out / "summary.json"
     if summary.exists():
