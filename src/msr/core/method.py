@@ -133,6 +133,12 @@ class BlockInputNoise(nn.Module):
 
     ``uniform``: U(1-delta, 1+delta). ``gaussian``: N(1, delta) clamped to [0, 2]. No batch
     statistics are used, so every sample's noise is independent of the rest of the batch.
+
+    The multiplier is drawn in fp32 whatever the activations' dtype: drawn in bf16 (autocast),
+    U(0.9, 1.1) would take only 39 values, steps of 0.004 below 1 and 0.008 above - another,
+    discrete distribution. The product is formed in fp32 and rounded once to the input's dtype,
+    as any bf16 op rounds its result. (The authors drew it in the model's dtype, fp32 unless
+    their ``-half``: docs/method.md, "Noise injection".)
     """
 
     def __init__(self, delta: float = 0.1, dist: str = "uniform"):
@@ -144,15 +150,17 @@ class BlockInputNoise(nn.Module):
         self.delta = delta
         self.dist = dist
 
+    def multiplier(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh fp32 draw of the multiplier for ``x``, shaped (N, C, 1, ...)."""
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        if self.dist == "uniform":
+            return torch.empty(shape, device=x.device, dtype=torch.float32).uniform_(1 - self.delta, 1 + self.delta)
+        return torch.randn(shape, device=x.device, dtype=torch.float32).mul_(self.delta).add_(1).clamp_(0, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.delta == 0:
             return x
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        if self.dist == "uniform":
-            eps = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(1 - self.delta, 1 + self.delta)
-        else:
-            eps = torch.randn(shape, device=x.device, dtype=x.dtype).mul_(self.delta).add_(1).clamp_(0, 2)
-        return x * eps
+        return (x * self.multiplier(x)).to(x.dtype)  # fp32 product (type promotion), one rounding
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}, dist={self.dist!r}"
