@@ -25,12 +25,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="default: the dataset's (msr datasets lists them)")
     p.add_argument("--seed", type=int)
     p.add_argument("--lr", type=float, help="base (conv-group) lr; other groups keep their ratio")
+    p.add_argument("--lr-factor", dest="lr_factor", type=float, metavar="F",
+                   help="every param group at F x the variant's own lr (1 = its default; not with --lr)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="default: the dataset's (msr datasets lists them)")
     p.add_argument("--noise-delta", dest="noise_delta", type=float, help="noise magnitude d (turns noise on for any variant)")
     p.add_argument("--data-root", dest="data_root")
     p.add_argument("--image-size", dest="image_size", type=int, help="digits: 8, 16 (default) or 32")
     p.add_argument("--train-subset", dest="train_subset", type=int, metavar="N",
                    help="train on a fixed class-stratified subset of N training images (the test set stays whole)")
+    p.add_argument("--eval-split", dest="eval_split", choices=["test", "validation"],
+                   help="evaluate on the test set (default) or on --validation-size training images held "
+                        "out (class-stratified, from outside --train-subset), for choosing an lr")
+    p.add_argument("--validation-size", dest="validation_size", type=int, metavar="N",
+                   help="training images held out with --eval-split validation")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])

@@ -35,6 +35,7 @@ from msr.training.rundir import (
     read_probes,
     span,
 )
+from msr.training.schedule import LinearWarmup
 
 # Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
 # the first min(N, 1000) training images in their stored order - eval mode, no augmentation,
@@ -93,14 +94,25 @@ class Run:
             torch.backends.cudnn.benchmark = True
 
         ds = msr_data.load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
-        if cfg.train_subset is not None:
-            if cfg.train_subset > len(ds.train_y):
-                raise ConfigError(f"train_subset={cfg.train_subset}: {cfg.dataset} has only "
-                                  f"{len(ds.train_y)} training images")
-            # normalization keeps the full training set's statistics: the subset changes how
-            # much the model sees, not how its input is scaled
-            keep = msr_data.stratified_subset(ds.train_y, cfg.train_subset)
+        if cfg.train_subset is not None and cfg.train_subset > len(ds.train_y):
+            raise ConfigError(f"train_subset={cfg.train_subset}: {cfg.dataset} has only "
+                              f"{len(ds.train_y)} training images")
+        # normalization keeps the full training set's statistics: a subset or a held-out
+        # validation split changes what the model sees, not how its input is scaled
+        if cfg.eval_split == "validation":
+            try:
+                keep, held_out = msr_data.validation_split(ds.train_y, cfg.validation_size, train_subset=cfg.train_subset)
+            except ValueError as err:
+                raise ConfigError(f"{cfg.dataset}: {err}") from None
+            # the "test" loader of a selection run holds the validation images: the test set
+            # stays unseen (config.json and runs.csv say eval_split=validation)
+            eval_x, eval_y = ds.train_x[held_out], ds.train_y[held_out]
             ds = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
+        else:
+            if cfg.train_subset is not None:
+                keep = msr_data.stratified_subset(ds.train_y, cfg.train_subset)
+                ds = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
+            eval_x, eval_y = ds.test_x, ds.test_y
         self.dataset = ds
         torch.manual_seed(cfg.seed)  # the model's init is the first (and only) use of the global RNG before training
         self.variant: Variant = build(
@@ -119,10 +131,13 @@ class Run:
         # fp16 needs loss scaling; the projection then runs on unscaled gradients (docs/method.md)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
-        lr = cfg.lr if cfg.lr is not None else self.variant.spec.lr
-        self.base_lr = lr
+        spec = self.variant.spec
+        # every param group at lr_factor x the variant's own lr; base_lr is the conv group's
+        self.lr_factor = cfg.resolved_lr_factor(spec.lr)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(self.variant.param_groups(lr), momentum=cfg.momentum, fused=fused or None)
+        groups = self.variant.param_groups(factor=self.lr_factor)
+        self.base_lr = cfg.resolved_lr(spec.lr)
+        self.optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, fused=fused or None)
         milestones = sorted({max(1, round(m * cfg.epochs)) for m in cfg.milestones})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=cfg.gamma)
 
@@ -131,7 +146,11 @@ class Run:
             ds.train_x, ds.train_y, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
             crop_padding=ds.crop_padding, flip=ds.flip, **common,
         )
-        self.test_loader = msr_data.DeviceLoader(ds.test_x, ds.test_y, batch_size=cfg.eval_batch_size, train=False, **common)
+        # the variant's warm-up (msr.training.schedule), per optimizer step through its hooks
+        self.warmup = LinearWarmup.for_run(self.optimizer, fraction=spec.warmup, from_lr=spec.warmup_from,
+                                           lr=self.base_lr, total_steps=cfg.epochs * len(self.train_loader))
+        # the evaluation split: the test set, or a selection run's validation images
+        self.test_loader = msr_data.DeviceLoader(eval_x, eval_y, batch_size=cfg.eval_batch_size, train=False, **common)
         n_clean = min(len(ds.train_x), CLEAN_TRAIN_IMAGES)
         self.clean_train_loader = msr_data.DeviceLoader(
             ds.train_x[:n_clean], ds.train_y[:n_clean], batch_size=cfg.eval_batch_size, train=False, **common
@@ -157,6 +176,9 @@ class Run:
         rec = dataclasses.asdict(self.cfg)
         rec.update(
             lr=self.base_lr,
+            lr_factor=self.lr_factor,
+            warmup_steps=self.warmup.steps,
+            eval_images=self.test_loader.num_samples,
             noise_delta=self.variant.spec.noise_delta,
             image_size=self.dataset.image_size,
             threads=self.threads,
@@ -212,6 +234,7 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
             _set_rng_state(ckpt["rng"], self.device)
             self.epoch, self.step, self.images_seen = ckpt["epoch"], ckpt["step"], ckpt["images_seen"]
+            self.warmup.done = self.step  # every completed step was one optimizer step
             self.train_seconds, self.wall_seconds = ckpt["train_seconds"], ckpt["wall_seconds"]
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise damaged(path, f"does not fit this run's model and optimizer ({type(err).__name__})") from None
