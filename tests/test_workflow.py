@@ -459,7 +459,7 @@ def test_smoke_pipeline_end_to_end(smoke_done, tmp_path):
     runs = sorted(p.relative_to(res / "runs").parent.as_posix() for p in (res / "runs").glob("*/*/*/*/*/summary.json"))
     cfg = deep_merge(load("default.yaml"), load("smoke.yaml"))
     chosen = chosen_factors(wd)
-    assert len(runs) == expected_train_jobs(cfg, chosen) == 4 + (chosen[("digits", "resnet8", "msr")] != 2)
+    assert len(runs) == expected_train_jobs(cfg, chosen) == 5 + (chosen[("digits", "resnet8", "msr")] != 2)
     assert "digits/resnet8/msr/val-lrx0.5/seed0" in runs and "digits/resnet8/msr/bs32/seed0" in runs
     checked = json.loads(next((res / "checks").glob("runs-*.json")).read_text())
     assert sorted(checked["runs"]) == runs
