@@ -719,3 +719,35 @@ def test_config_edit_without_snakemake_metadata_is_caught(smoke_done, tmp_path):
     trained = [p for p in (wd / "results/smoke/logs/train").rglob("*.log") if "starting this run over" in p.read_text()]
     assert trained == [log]
     assert_set_follows_new_options(wd)
+
+
+@pytest.mark.slow
+def test_a_new_lr_choice_retrains_the_tuned_runs_and_only_a_new_one(smoke_done, tmp_path):
+    """A validation run retrained (deleted here) reruns select_lr, which rewrites the choice;
+    with the same choice, msr's main-grid and batch-size runs are kept (the selection is their
+    `ancient` input: only a changed --lr-factor, Snakemake's params trigger, retrains them). A
+    config edit that changes the choice retrains them, in the same invocation."""
+    wd = copy_done(smoke_done, tmp_path / "wf")
+    res = wd / "results" / "smoke"
+    tuned = [res / "runs/digits/resnet8/msr" / tag / "seed0/summary.json" for tag in ("base", "bs32")]
+    before = {p: p.stat().st_mtime_ns for p in tuned}
+    chosen = chosen_factors(wd)[("digits", "resnet8", "msr")]
+    (res / "runs/digits/resnet8/msr/val-lrx0.5/seed0/summary.json").unlink()
+    done = snakemake(wd, "--cores", "2", *SMOKE)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "localcheckpoint select_lr" in done.stdout + done.stderr or "checkpoint select_lr" in done.stdout + done.stderr
+    assert chosen_factors(wd)[("digits", "resnet8", "msr")] == chosen
+    assert {p: p.stat().st_mtime_ns for p in tuned} == before
+
+    # the candidates change: x1 replaces x2; whatever is chosen now, the tuned runs follow it
+    overlay = tmp_path / "factors.yaml"
+    overlay.write_text(yaml.safe_dump({"lr_selection": {"factors": [0.5, 1]}}))
+    done = snakemake(wd, "--cores", "2", *SMOKE, str(overlay))
+    assert done.returncode == 0, done.stderr[-5000:]
+    now = chosen_factors(wd)[("digits", "resnet8", "msr")]
+    assert now in (0.5, 1.0)
+    base = json.loads((res / "runs/digits/resnet8/msr/base/seed0/config.json").read_text())
+    assert base["lr_factor"] == now and base["lr"] == pytest.approx(0.4 * now)
+    assert json.loads((res / "runs/digits/resnet8/msr/bs32/seed0/config.json").read_text())["lr_factor"] == now / 2
+    done = snakemake(wd, "-n", *SMOKE, str(overlay))
+    assert done.returncode == 0 and "Nothing to be done" in done.stdout + done.stderr, done.stdout + done.stderr

@@ -118,10 +118,15 @@ _FACTORS = {}
 
 
 def chosen_factors():
-    """(dataset, arch, variant) -> the factor chosen on the validation split. Inside an input or
-    params function: before select_lr has run, checkpoints.get raises Snakemake's
-    IncompleteCheckpointException (the job then waits for the checkpoint)."""
-    path = checkpoints.select_lr.get().output.json
+    """(dataset, arch, variant) -> the factor chosen on the validation split, for an input or
+    params function. Before the first choice, checkpoints.get raises Snakemake's
+    IncompleteCheckpointException: the job waits for select_lr (params <TBD> in a dry-run).
+    Once a choice exists it is read directly: Snakemake's first DAG pass treats every checkpoint
+    output as incomplete, and <TBD> params there would fire the params trigger of every tuned
+    run and leave its downstream jobs (the notebooks) marked for a rerun at every invocation.
+    When select_lr does rerun, Snakemake re-evaluates every job that takes its output as input
+    once it has finished, so a changed choice still retrains the tuned runs (params trigger)."""
+    path = SELECTION if os.path.exists(SELECTION) else checkpoints.select_lr.get().output.json
     key = (path, os.stat(path).st_mtime_ns)
     if key not in _FACTORS:
         _FACTORS.clear()
@@ -207,8 +212,10 @@ def expected_json(wildcards):
 
 
 def selection_input(wildcards):
-    """The lr selection, for a run whose factor it chooses (Snakemake orders the job after it)."""
-    return [SELECTION] if run_of(wildcards).lr_factor is None else []
+    """The lr selection, for a run whose factor it chooses (Snakemake orders the job after it).
+    ancient: a rerun of select_lr (one validation run retrained) rewrites the file, and only a
+    changed choice - a changed --lr-factor, Snakemake's params trigger - retrains the run."""
+    return [ancient(SELECTION)] if run_of(wildcards).lr_factor is None else []
 
 
 def resolved_expected(factors):
