@@ -221,6 +221,23 @@ def test_with_a_train_subset_the_validation_images_come_from_outside_it(digits_l
         validation_split(labels, 0)
 
 
+def test_cli_lr_factor_and_eval_split(tmp_path, capsys):
+    from msr.cli import main as msr_main
+
+    base = ["train", "--data-root", str(tmp_path / "data"), "--dataset", "digits", "--arch", "resnet8",
+            "--image-size", "8", "--epochs", "1", "--threads", "1", "--progress", "lines"]
+    assert msr_main([*base, "--out", str(tmp_path / "bad"), "--eval-split", "validation"]) == 2
+    assert "needs the number of training images to hold out" in capsys.readouterr().err
+    assert msr_main([*base, "--out", str(tmp_path / "both"), "--lr", "0.2", "--lr-factor", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
+    out = tmp_path / "ok"
+    assert msr_main([*base, "--out", str(out), "--variant", "bn", "--lr-factor", "0.5",
+                     "--eval-split", "validation", "--validation-size", "300"]) == 0
+    rec = json.loads((out / "config.json").read_text())
+    assert (rec["lr_factor"], rec["lr"], rec["eval_split"], rec["eval_images"]) == (0.5, 0.05, "validation", 300)
+    assert "final validation acc" in capsys.readouterr().out
+
+
 def test_run_config_eval_split(tmp_path):
     with pytest.raises(ConfigError, match="needs the number of training images to hold out"):
         tiny(tmp_path, eval_split="validation")

@@ -32,7 +32,8 @@ checkpoint select_lr:
         selection_runs_summaries(),
     output:
         json=SELECTION,
-        table=SELECTION_TABLE,
+        table=report(SELECTION_TABLE, caption="../report/lr_selection.rst", category="Tables",
+                     labels={"table": "lr selection"}),
         provenance=SELECTION_PROVENANCE,
     log:
         f"{LOGS}/select_lr.log",

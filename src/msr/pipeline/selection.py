@@ -124,7 +124,7 @@ def select(runs: Sequence[Run], runs_root: str | Path, *, out: str | Path, table
         buf = io.StringIO()
         writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         atomic.write_text(Path(table), buf.getvalue())
     if provenance is not None:
         atomic.write_text(Path(provenance), json.dumps({
@@ -137,6 +137,15 @@ def select(runs: Sequence[Run], runs_root: str | Path, *, out: str | Path, table
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         Path(log).write_text(RULE + "\n" + "\n".join(lines) + "\n")
     return record
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: floats to 6 significant digits (accuracies of a few hundred images), None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format(value, ".6g")
+    return value
 
 
 def load(path: str | Path) -> dict[tuple[str, str, str], float]:
