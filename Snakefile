@@ -2,6 +2,7 @@
 #
 #   download (CIFAR) -> prepare -> train (one job per run) -> check_runs -> aggregate
 #     -> one notebook per figure/table -> figures/<set>/MANIFEST.json
+#   with lr_selection: validation runs -> checkpoint select_lr -> the tuned variants' runs
 #
 #   snakemake --cores all                                                  # set digits: CPU, ~10 min
 #   snakemake --cores all --workflow-profile workflow/profiles/fashion-cpu  # Fashion-MNIST, 2 CPU cores
@@ -39,7 +40,8 @@ include: "workflow/rules/analysis.smk"
 rule all:
     default_target: True
     input:
-        all_summaries(),
+        static_summaries(),
+        selected_summaries,  # lr sweep points known once the lr selection has chosen
         RUNS_CHECKED,
         TABLES.values(),
         all_outputs(),

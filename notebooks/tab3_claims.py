@@ -58,7 +58,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from msr import atomic
+from msr import atomic, outcome
 from msr.analysis import aggregate as agg
 from msr.analysis import claims, figures
 from msr.training.rundir import CHECKPOINT
@@ -94,7 +94,7 @@ def train_eval(dataset, arch, variant, train_overrides=None):
     sel = base[(base["dataset"] == dataset) & (base["arch"] == arch) & (base["variant"] == variant)
                & (base["status"] == "completed")].sort_values("seed")
     ckpt = Path(sel["run_dir"].iloc[0]) / CHECKPOINT if not sel.empty else None
-    depth, classes = agg.depth_of_arch(arch), claims.classes_of(dataset, num_classes)
+    depth, classes = agg.depth_of_arch(arch), outcome.classes_of(dataset, num_classes)
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
         stem = next(v for v in state.values() if v.ndim == 4)  # the first conv: [out, in, k, k]

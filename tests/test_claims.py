@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from msr import outcome
 from msr.analysis import claims
 from msr.analysis.claims import (
     BASELINE_FAILED,
@@ -64,8 +65,8 @@ def test_failure_threshold_and_outcomes():
     assert claims.run_outcome("diverged", math.nan, 0.1) == claims.DIVERGED
     assert claims.run_outcome("completed", 0.549, 0.1) == claims.AT_CHANCE
     assert claims.run_outcome("completed", 0.55, 0.1) == claims.TRAINED
-    assert claims.run_failed("completed", 0.3, 0.1) and not claims.run_failed("completed", 0.9, 0.1)
-    assert claims.run_failed("diverged", 0.99, 0.1)  # a diverged run failed whatever it scored before
+    assert outcome.run_failed("completed", 0.3, 0.1) and not outcome.run_failed("completed", 0.9, 0.1)
+    assert outcome.run_failed("diverged", 0.99, 0.1)  # a diverged run failed whatever it scored before
     frame = pd.DataFrame({"status": ["completed", "diverged", "completed"], "final_test_acc": [0.9, 0.1, 0.2]})
     assert list(claims.outcomes(frame, 0.1)) == ["trained", "diverged", "at chance"]
     with pytest.raises(ValueError, match="'interrupted' is neither"):

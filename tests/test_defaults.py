@@ -9,6 +9,7 @@ cannot disagree unnoticed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from snakemake.utils import validate
 from msr import catalog
 from msr import data as msr_data
 from msr.cli import build_parser
-from msr.core.variants import VARIANTS
+from msr.core.variants import VARIANTS, get_spec
 from msr.pipeline import grid
 from msr.training import config
 from msr.training.config import ConfigError, RunConfig
@@ -120,6 +121,7 @@ def test_train_subset_has_one_limit_the_catalogs():
                 with pytest.raises(ConfigError, match=f"from 1 to {facts.train_size}"):
                     RunConfig(dataset=name, variant="bn", train_subset=n).validate()
     cfg = merged("default.yaml", train_subset=catalog.dataset("digits").train_size, batch_size=8)
+    cfg["lr_selection"]["variants"] = []  # a subset of all 1437 leaves none to validate on
     grid.check_config(cfg)
     cfg["train"]["train_subset"] += 1
     with pytest.raises(grid.GridError, match=r"config train.train_subset=1438 for digits: .*from 1 to 1437"):
@@ -197,6 +199,7 @@ def test_null_epochs_and_batch_size_are_the_datasets_own_everywhere(name):
     assert (cfg.epochs, cfg.batch_size) == (facts.epochs, facts.batch_size)
     pipeline = merged("default.yaml", epochs=None, batch_size=None, train_subset=None, image_size=None)
     pipeline.update(datasets=[name], variants=["bn"], seeds=[0])
+    pipeline["lr_selection"]["variants"] = []  # the main grid's one run alone
     for sweep in pipeline["sweeps"].values():
         sweep.update(variants=[], values=[])
     grid.check_config(pipeline)
@@ -221,15 +224,21 @@ def test_the_grids_expectation_is_what_msr_train_records(name):
     RunConfig and the registry) - an unset lr is resolved to the same number on both sides."""
     cfg = merged(name)
     train = cfg["train"]
-    for run in grid.build_grid(cfg).values():
+    runs = grid.build_grid(cfg)
+    # the factors the lr selection chooses after its runs: any choice will do here (x0.5)
+    chosen = {(r.dataset, r.arch, r.variant): 0.5 for r in runs.values() if r.lr_factor is None}
+    for run in grid.resolve(runs, chosen).values():
         rc = RunConfig(dataset=run.dataset, arch=run.arch, variant=run.variant, seed=run.seed,
                        epochs=grid.per_dataset(train, "epochs", run.dataset), batch_size=run.batch_size,
-                       lr=run.lr, noise_delta=run.noise_delta, image_size=train["image_size"],
-                       train_subset=train["train_subset"], overrides=dict(train["overrides"]), device="cpu")
+                       lr_factor=run.lr_factor, noise_delta=run.noise_delta, image_size=train["image_size"],
+                       train_subset=train["train_subset"], overrides=dict(train["overrides"]), device="cpu",
+                       eval_split=run.eval_split, validation_size=run.validation_size)
         rc.validate()
         expected = grid.expected_record(run, cfg)
         expected.pop("precision", None)  # compared by the grid only, from the config
-        assert grid.differences(expected, requested_record(rc)) == [], run.path
+        # config.json also records the variant's whole spec (its warm-up among it)
+        recorded = {**requested_record(rc), "variant_spec": dataclasses.asdict(get_spec(rc.variant, **rc.variant_overrides()))}
+        assert grid.differences(expected, recorded) == [], run.path
 
 
 def test_an_unset_lr_is_the_variants_own_on_every_side():
@@ -238,4 +247,6 @@ def test_an_unset_lr_is_the_variants_own_on_every_side():
         rc.validate()
         run = grid.Run("digits", "resnet20", name, "base", 0, batch_size=32)
         assert requested_record(rc)["lr"] == grid.expected_record(run, merged("default.yaml"))["lr"] == spec.lr
-        assert spec.resolved_lr(None) == spec.lr and spec.resolved_lr(0.3) == 0.3
+        # the one resolution (RunConfig): an unset lr and factor is the variant's own, an lr
+        # the conv group's, a factor every group's
+        assert rc.resolved_lr(spec.lr) == spec.lr and rc.resolved_lr_factor(spec.lr) == 1.0

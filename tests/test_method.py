@@ -185,6 +185,53 @@ def test_gaussian_noise_is_clamped():
     assert e.min() >= 0 and e.max() <= 2 and e.std() > 0.3
 
 
+@pytest.mark.parametrize("dist", ["uniform", "gaussian"])
+def test_noise_multiplier_is_drawn_in_fp32_under_bf16_autocast(dist):
+    """bf16 would quantize U(0.9, 1.1) to 39 values in steps of 0.004-0.008 (and even round some
+    draws to 0.8984, outside the range): the multiplier is an fp32 draw, the product is formed in
+    fp32 and rounded once to the activations' dtype."""
+    noise = BlockInputNoise(0.1, dist).train()
+    x = torch.randn(256, 16, 4, 4).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        eps = noise.multiplier(x)
+        torch.manual_seed(0)
+        out = noise(x)
+    assert eps.dtype == torch.float32 and out.dtype == torch.bfloat16
+    values = eps.flatten()
+    assert values.unique().numel() > 1000  # a bf16 draw has at most 39 distinct values here
+    on_bf16_grid = values.to(torch.bfloat16).float() == values
+    assert on_bf16_grid.float().mean() < 0.01  # not quantized: almost no value is a bf16 number
+    if dist == "uniform":
+        assert values.min() >= 0.9 - 1e-6 and values.max() <= 1.1 + 1e-6
+    torch.testing.assert_close(out, (x.float() * eps).to(torch.bfloat16), rtol=0, atol=0)
+    # fp32 activations: the same draw, the exact fp32 product (runs in fp32 are unchanged)
+    torch.manual_seed(0)
+    x32 = x.float()
+    assert torch.equal(noise(x32), x32 * eps)
+
+
+def test_gain_noise_is_drawn_in_fp32_under_bf16_autocast(monkeypatch):
+    """The per-filter kernel-gain noise: the kernel the conv receives carries an fp32 draw."""
+    from msr.core.models import GainConv2d
+
+    conv = GainConv2d(4, 256, 3, padding=1, bias=False, gain_noise=0.1).train()
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.log_gain.zero_()
+    kernels = []
+    forward = conv._conv_forward
+    monkeypatch.setattr(conv, "_conv_forward", lambda x, w, b: kernels.append(w) or forward(x, w, b))
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(torch.ones(1, 4, 3, 3))
+    torch.manual_seed(0)
+    expected = torch.empty(256, dtype=torch.float32).uniform_(0.9, 1.1)
+    kernel = kernels[0][:, 0, 0, 0]
+    assert kernels[0].dtype == torch.float32 and torch.equal(kernel, expected)
+    assert (kernel.to(torch.bfloat16).float() == kernel).float().mean() < 0.05
+
+
 def test_noise_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dist"):
         BlockInputNoise(0.1, "laplace")

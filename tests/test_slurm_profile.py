@@ -24,7 +24,8 @@ SCRIPT = REPO / "tools" / "slurm_local.sh"
 PROFILE = ["--workflow-profile", "workflow/profiles/slurm"]
 SMOKE = ["--configfile", "workflow/config/smoke.yaml"]
 SLURM_SETTINGS = ["MSR_SLURM_PARTITION", "MSR_SLURM_GPU_PARTITION", "MSR_SLURM_ACCOUNT", "MSR_SLURM_GPU_GRES"]
-PAPER_RUN = "results/paper/runs/cifar10/resnet20/msr/bs8/seed1/summary.json"
+# a validation run of the lr selection: it needs no other run (a final run waits for the whole selection)
+PAPER_RUN = "results/paper/runs/cifar10/resnet20/msr/val-lrx2/seed0/summary.json"
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -96,7 +97,7 @@ def test_cuda_train_jobs_ask_slurm_for_a_gpu_and_every_job_for_the_settings(work
 @plugin_missing
 def test_cpu_train_jobs_ask_for_no_gpu(workdir):
     env = clean_env(MSR_SLURM_PARTITION="batch", MSR_SLURM_GPU_PARTITION="gpu")
-    done = snakemake(workdir, "-n", "-f", "results/smoke/runs/digits/resnet8/msr/base/seed0/summary.json", *PROFILE, *SMOKE,
+    done = snakemake(workdir, "-n", "-f", "results/smoke/runs/digits/resnet8/msr/val-lrx2/seed0/summary.json", *PROFILE, *SMOKE,
                      env=env)
     assert done.returncode == 0, done.stderr
     [train] = job_resources(done.stdout + done.stderr)["train"]

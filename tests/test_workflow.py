@@ -77,29 +77,47 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def expected_train_jobs(cfg: dict) -> int:
+def expected_train_jobs(cfg: dict, chosen: dict | None = None) -> int:
     """The number of runs a config asks for, derived independently of the workflow: the main grid
-    datasets x archs x variants x seeds, plus every sweep point (dataset x arch x variant x value
-    x seed) except those identical to a main-grid run (same resolved value, and the point's
-    dataset/arch/variant/seed are in the main grid), which are reused."""
+    datasets x archs x variants x seeds, the lr selection's validation runs (datasets x archs x
+    tuned variants x factors x selection seeds; tuned: lr_selection.variants in the main grid),
+    plus every sweep point (dataset x arch x variant x value x seed) except those identical to a
+    main-grid run (same resolved value, and the point's dataset/arch/variant/seed are in the main
+    grid), which are reused. lr sweep values are factors of each variant's own lr; a tuned
+    variant's main-grid factor is the chosen one: ``chosen`` ((dataset, arch, variant) ->
+    factor) counts every run; without it, the count `snakemake -n` lists before the choice:
+    the lr sweep points that the choice may make main-grid runs (their factor is a candidate)
+    are left out."""
     from msr.core.variants import VARIANTS
 
-    train = cfg["train"]
+    train, sel = cfg["train"], cfg.get("lr_selection", {})
     main = (set(cfg["datasets"]), set(cfg["archs"]), set(cfg["variants"]), set(cfg["seeds"]))
+    tuned = [v for v in sel.get("variants", []) if v in cfg["variants"]]
     n = len(cfg["datasets"]) * len(cfg["archs"]) * len(cfg["variants"]) * len(cfg["seeds"])
+    n += len(cfg["datasets"]) * len(cfg["archs"]) * len(tuned) * len(sel.get("factors", [])) * len(sel.get("seeds", [0]))
+
+    def own_factor(d, a, v):
+        if v in tuned and d in main[0] and a in main[1]:
+            return None if chosen is None else chosen[(d, a, v)]
+        return train["lr"] / VARIANTS[v].lr if train.get("lr") else 1.0
+
     base_value = {
-        "lr": lambda v: train.get("lr") or VARIANTS[v].lr,
-        "batch_size": lambda v: train["batch_size"],
+        "lr": own_factor,
+        "batch_size": lambda d, a, v: train["batch_size"],
         # train.noise_delta only changes the variants that have noise
-        "noise_delta": lambda v: train["noise_delta"] if train.get("noise_delta") is not None and VARIANTS[v].noise_delta > 0
+        "noise_delta": lambda d, a, v: train["noise_delta"] if train.get("noise_delta") is not None and VARIANTS[v].noise_delta > 0
         else VARIANTS[v].noise_delta,
     }
     for name, sweep in cfg.get("sweeps", {}).items():
         axes = [sweep.get("datasets") or cfg["datasets"], sweep.get("archs") or cfg["archs"],
                 sweep.get("variants", []), sweep.get("values", []), sweep.get("seeds") or cfg["seeds"]]
         for d, a, v, value, s in product(*axes):
-            reused = value == base_value[name](v) and d in main[0] and a in main[1] and v in main[2] and s in main[3]
-            n += not reused
+            in_main = d in main[0] and a in main[1] and v in main[2] and s in main[3]
+            base = base_value[name](d, a, v)
+            if base is None:  # waits for the choice: listed unless the choice may make it the main grid's run
+                n += not (in_main and value in sel["factors"])
+                continue
+            n += not (value == base and in_main)
     return n
 
 
@@ -111,8 +129,12 @@ def expected_jobs(cfg: dict) -> dict[str, int]:
     counts = {"train": expected_train_jobs(cfg), "prepare": len(datasets),
               "download": len(datasets & {"cifar10", "cifar100"})}
     counts = {k: v for k, v in counts.items() if v}
-    counts["total"] = sum(counts.values()) + ANALYSIS_JOBS
+    counts["total"] = sum(counts.values()) + ANALYSIS_JOBS + bool(tuned_variants(cfg))  # + select_lr
     return counts
+
+
+def tuned_variants(cfg: dict) -> list[str]:
+    return [v for v in cfg.get("lr_selection", {}).get("variants", []) if v in cfg["variants"]]
 
 
 def load(name: str) -> dict:
@@ -195,19 +217,23 @@ def test_every_output_lives_under_its_sets_name(workdir, tmp_path):
     assert "figures/my-study.v2/MANIFEST.json" in paths and "results/my-study.v2/tables/runs.csv" in paths
 
 
-def test_train_jobs_get_only_their_own_options_and_declare_gpu_slots(workdir):
-    done = snakemake(workdir, "-n", "-p", "--workflow-profile", "workflow/profiles/paper",
-                     "results/paper/runs/cifar10/resnet20/msr/bs8/seed1/summary.json")
+def test_train_jobs_get_only_their_own_options_and_declare_gpu_slots(workdir, tmp_path):
+    untuned = tmp_path / "untuned.yaml"  # msr's own lr (not chosen on the validation split)
+    untuned.write_text(yaml.safe_dump({"lr_selection": {"variants": []}}))
+    done = snakemake(workdir, "results/paper/runs/cifar10/resnet20/msr/bs8/seed1/summary.json", "-n", "-p",
+                     "--workflow-profile", "workflow/profiles/paper", "--configfile", "workflow/config/paper.yaml",
+                     str(untuned))
     assert done.returncode == 0, done.stderr
     out = done.stdout + done.stderr
     cmd = next(line for line in out.splitlines() if "msr train" in line)
-    # linear lr scaling from batch 128: 0.4 * 8 / 128; threads: the profile's 4, capped by the cores
-    # here; --gpu-slots: the paper config's runs_per_gpu
+    # linear lr scaling from batch 128: every group at 8 / 128 of msr's own lrs; threads: the
+    # profile's 4, capped by the cores here; --gpu-slots: the paper config's runs_per_gpu
     for part in ["--dataset cifar10", "--arch resnet20", "--variant msr", "--seed 1", "--epochs 200",
-                 "--batch-size 8", "--lr 0.025", "--device cuda", "--threads ", "--gpu-slots 4 ",
+                 "--batch-size 8", "--lr-factor 0.0625", "--device cuda", "--threads ", "--gpu-slots 4 ",
                  "--out results/paper/runs/cifar10/resnet20/msr/bs8/seed1"]:
         assert part in cmd, (part, cmd)
     assert "--image-size" not in cmd and "--noise-delta" not in cmd and "--precision" not in cmd
+    assert "--eval-split" not in cmd
     resources = next(line for line in out.splitlines() if "gpu_slots=" in line)
     assert "gpu_slots=1," in resources and "runs_per_gpu=4" in resources
     assert not re.search(r"\bgpu=", resources)  # no per-job GPU request on one machine: runs share GPUs
@@ -216,7 +242,7 @@ def test_train_jobs_get_only_their_own_options_and_declare_gpu_slots(workdir):
 
 
 def test_cpu_runs_claim_no_gpu_slot_and_pass_precision_subset_and_mirror(workdir, tmp_path):
-    run = "results/smoke/runs/digits/resnet8/msr/base/seed0/summary.json"
+    run = "results/smoke/runs/digits/resnet8/bn/base/seed0/summary.json"
     done = snakemake(workdir, "-n", "-p", "-f", run, "data/processed/digits-8.pt", *SMOKE)
     assert done.returncode == 0, done.stderr
     out = done.stdout + done.stderr
@@ -237,19 +263,48 @@ def test_cpu_runs_claim_no_gpu_slot_and_pass_precision_subset_and_mirror(workdir
 
 def test_sweep_runs_probe_sparsely_main_grid_densely(workdir):
     cfg = load("default.yaml")["train"]
-    done = snakemake(workdir, "-n", "-p", "results/digits/runs/digits/resnet20/msr/base/seed0/summary.json",
-                     "results/digits/runs/digits/resnet20/msr/bs8/seed0/summary.json")
+    done = snakemake(workdir, "-n", "-p", "results/digits/runs/digits/resnet20/plain/base/seed0/summary.json",
+                     "results/digits/runs/digits/resnet20/plain/lrx0.25/seed0/summary.json",
+                     "results/digits/runs/digits/resnet20/bn/val-lrx0.5/seed0/summary.json")
     assert done.returncode == 0, done.stderr
     cmds = {line.split("--out ")[1].split()[0]: line for line in (done.stdout + done.stderr).splitlines()
             if "msr train" in line}
-    assert f"--probe-every {cfg['probe_every']} " in cmds["results/digits/runs/digits/resnet20/msr/base/seed0"]
-    assert f"--probe-every {cfg['sweep_probe_every']} " in cmds["results/digits/runs/digits/resnet20/msr/bs8/seed0"]
+    assert f"--probe-every {cfg['probe_every']} " in cmds["results/digits/runs/digits/resnet20/plain/base/seed0"]
+    assert f"--probe-every {cfg['sweep_probe_every']} " in cmds["results/digits/runs/digits/resnet20/plain/lrx0.25/seed0"]
+    assert f"--probe-every {cfg['sweep_probe_every']} " in cmds["results/digits/runs/digits/resnet20/bn/val-lrx0.5/seed0"]
     assert cfg["sweep_probe_every"] > cfg["probe_every"]
+
+
+def test_fresh_dry_run_lists_the_validation_runs_and_the_main_grid_waiting_for_the_choice(workdir):
+    """Before any run: the validation runs train with their factor and the held-out split; the
+    tuned variants' main-grid runs are listed, their input names the choice and their options
+    wait for it (<TBD>); the lr sweep points the choice may make main-grid runs come later."""
+    cfg = load("default.yaml")
+    done = snakemake(workdir, "-n", "-p")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    outputs = set(re.findall(r"^\s+output: results/digits/runs/(\S+)/summary.json$", out, flags=re.M))
+    tuned = tuned_variants(cfg)
+    sel = cfg["lr_selection"]
+    for v in cfg["variants"]:
+        for seed in cfg["seeds"]:
+            assert f"digits/resnet20/{v}/base/seed{seed}" in outputs
+    val = {o for o in outputs if "/val-lrx" in o}
+    assert val == {f"digits/resnet20/{v}/val-lrx{f:g}/seed{s}" for v in tuned for f in sel["factors"] for s in sel["seeds"]}
+    assert "digits/resnet20/bn/lrx1/seed0" not in outputs and "digits/resnet20/bn/lrx0.125/seed0" in outputs
+    assert "digits/resnet20/plain/lrx1/seed0" not in outputs and "digits/resnet20/plain/lrx2/seed0" in outputs
+    cmds = {line.split("--out ")[1].split()[0].split("/runs/")[1]: line for line in out.splitlines() if "msr train" in line}
+    assert "--lr-factor 0.5 --eval-split validation --validation-size 288" in cmds["digits/resnet20/bn/val-lrx0.5/seed0"]
+    assert "msr train <TBD>" in cmds["digits/resnet20/bn/base/seed0"]
+    assert "--variant plain" in cmds["digits/resnet20/plain/base/seed0"] and "--lr-factor" not in cmds["digits/resnet20/plain/base/seed0"]
+    block = out.split("output: results/digits/runs/digits/resnet20/bn/base/seed0/summary.json")[0].rsplit("rule train:", 1)[1]
+    assert "results/digits/lr_selection.json" in block
+    assert "checkpoint" in out.lower() and len(outputs) == expected_train_jobs(cfg)
 
 
 def test_global_noise_delta_changes_only_the_noisy_variants(workdir, tmp_path):
     overlay = tmp_path / "noise.yaml"
-    overlay.write_text(yaml.safe_dump({"name": "noise", "train": {"noise_delta": 0.2}}))
+    overlay.write_text(yaml.safe_dump({"name": "noise", "train": {"noise_delta": 0.2}, "lr_selection": {"variants": []}}))
     done = snakemake(workdir, "results/noise/runs/digits/resnet20/msr_noise/base/seed0/summary.json",
                      "results/noise/runs/digits/resnet20/msr/base/seed0/summary.json",
                      "-n", "-p", "--configfile", str(overlay))
@@ -294,7 +349,10 @@ def test_slurm_profile_dry_run(workdir):
     ({"train": {"overrides": {"bogus": 1}}}, "config train.overrides={'bogus': 1}: unknown override(s) ['bogus']"),
     ({"train": {"train_subset": 2000}}, "config train.train_subset=2000 for digits: must be a number of training images from 1 to 1437"),
     ({"sweeps": {"lr": {"variants": []}}}, "config sweeps.lr: has values but no variants"),
-    ({"sweeps": {"lr": {"values": [0.8, 0.8000001]}}}, "0.8 and 0.8000001 give the same run tag 'lr0.8'"),
+    ({"sweeps": {"lr": {"values": [0.8, 0.8000001]}}}, "0.8 and 0.8000001 give the same run tag 'lrx0.8'"),
+    ({"lr_selection": {"validation_size": 1437}}, "config lr_selection.validation_size=1437: digits has 1437 training images"),
+    ({"lr_selection": {"variants": ["nonsense"]}}, "'nonsense' is not one of"),
+    ({"analysis": {"margins": {"mnist": 1}}}, "'mnist' is not one of"),
 ])
 def test_bad_config_stops_before_any_job_naming_the_problem(workdir, tmp_path, overlay, named):
     bad = tmp_path / "bad.yaml"
@@ -376,11 +434,17 @@ def copy_done(src: Path, dest: Path) -> Path:
     return dest
 
 
+def chosen_factors(wd: Path, name: str = "smoke") -> dict:
+    record = json.loads((wd / "results" / name / "lr_selection.json").read_text())
+    return {(s["dataset"], s["arch"], s["variant"]): s["lr_factor"] for s in record["selected"]}
+
+
 def test_smoke_pipeline_end_to_end(smoke_done, tmp_path):
-    """smoke.yaml (2 variants, 1 seed, 1 epoch, 8x8 images, one lr and one batch size point, no
-    noise sweep) from a fresh copy: every figure (PNG + PDF), every table (CSV + Markdown +
-    LaTeX) and the manifest under the set's name; then nothing left to do; figures
-    byte-identical when their notebooks rerun; analysis edits never retrain; the HTML report."""
+    """smoke.yaml (2 variants, 1 seed, 2 epochs, 8x8 images, msr's lr chosen from two factors,
+    one lr and one batch size point, no noise sweep) from a fresh copy: every figure (PNG +
+    PDF), every table (CSV + Markdown + LaTeX), the lr selection's table and the manifest under
+    the set's name; then nothing left to do; figures byte-identical when their notebooks rerun;
+    analysis edits never retrain; the HTML report."""
     wd = copy_done(smoke_done, tmp_path / "wf")
     figs, res = wd / "figures" / "smoke", wd / "results" / "smoke"
     for name in FIGURES:
@@ -395,13 +459,14 @@ def test_smoke_pipeline_end_to_end(smoke_done, tmp_path):
 
     runs = sorted(p.relative_to(res / "runs").parent.as_posix() for p in (res / "runs").glob("*/*/*/*/*/summary.json"))
     cfg = deep_merge(load("default.yaml"), load("smoke.yaml"))
-    assert len(runs) == expected_train_jobs(cfg) == 4
-    assert "digits/resnet8/msr/lr0.8/seed0" in runs and "digits/resnet8/msr/bs32/seed0" in runs
+    chosen = chosen_factors(wd)
+    assert len(runs) == expected_train_jobs(cfg, chosen) == 5 + (chosen[("digits", "resnet8", "msr")] != 2)
+    assert "digits/resnet8/msr/val-lrx0.5/seed0" in runs and "digits/resnet8/msr/bs32/seed0" in runs
     checked = json.loads(next((res / "checks").glob("runs-*.json")).read_text())
     assert sorted(checked["runs"]) == runs
 
     manifest = json.loads((figs / "MANIFEST.json").read_text())
-    assert sorted(i["name"] for i in manifest["items"]) == sorted(FIGURES + TABLES)
+    assert sorted(i["name"] for i in manifest["items"]) == sorted(FIGURES + TABLES + ["lr_selection"])
     for item in manifest["items"]:
         for f in item["files"]:
             assert f["path"].startswith("figures/smoke/") and sha256(wd / f["path"]) == f["sha256"]
@@ -409,7 +474,7 @@ def test_smoke_pipeline_end_to_end(smoke_done, tmp_path):
     assert fig1["runs"] == ["digits/resnet8/bn/base/seed0", "digits/resnet8/msr/base/seed0"]
     assert len(manifest["config_sha256"]) == 64 and set(manifest["run_config_sha256"]) == set(runs)
     recorded = json.loads((res / "config.json").read_text())
-    assert recorded["name"] == "smoke" and recorded["train"]["epochs"] == 1
+    assert recorded["name"] == "smoke" and recorded["train"]["epochs"] == 2
     verify = subprocess.run([str(BIN / "msr"), "verify", "figures/smoke", "--config", "results/smoke/config.json"],
                             cwd=wd, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -447,16 +512,16 @@ def test_smoke_pipeline_end_to_end(smoke_done, tmp_path):
     # a run whose summary is missing but whose options are unchanged resumes from its checkpoint
     run = "results/smoke/runs/digits/resnet8/bn/base/seed0"
     longer = tmp_path / "longer.yaml"
-    longer.write_text(yaml.safe_dump({"train": {"epochs": 2}}))
+    longer.write_text(yaml.safe_dump({"train": {"epochs": 3}}))
     done = snakemake(wd, f"{run}/summary.json", "--cores", "2", *SMOKE, str(longer))
     assert done.returncode == 0, done.stderr[-5000:]
     log = (wd / "results/smoke/logs/train/digits/resnet8/bn/base/seed0.log").read_text()
-    assert "options changed (epochs: 1 -> 2); starting this run over" in log
-    assert len((wd / run / "metrics.csv").read_text().splitlines()) == 1 + 2
+    assert "options changed (epochs: 2 -> 3); starting this run over" in log
+    assert len((wd / run / "metrics.csv").read_text().splitlines()) == 1 + 3
     (wd / run / "summary.json").unlink()
     done = snakemake(wd, f"{run}/summary.json", "--cores", "2", *SMOKE, str(longer))
     assert done.returncode == 0, done.stderr[-5000:]
-    assert "resuming after epoch 2" in (wd / "results/smoke/logs/train/digits/resnet8/bn/base/seed0.log").read_text()
+    assert "resuming after epoch 3" in (wd / "results/smoke/logs/train/digits/resnet8/bn/base/seed0.log").read_text()
 
     # the HTML report, with every figure
     done = snakemake(wd, *SMOKE, "--report", "results/smoke/report.html")
@@ -464,11 +529,79 @@ def test_smoke_pipeline_end_to_end(smoke_done, tmp_path):
     assert (wd / "results/smoke/report.html").stat().st_size > 10_000
 
 
-BS_RUN = "digits/resnet8/msr/bs32/seed0"  # smoke's batch-size point: lr 0.4 * 32/64 = 0.2 (linear)
+def test_smoke_lr_selection_is_chosen_on_validation_runs_used_by_the_main_grid_and_kept_out_of_the_tables(smoke_done, tmp_path):
+    """msr's factor is chosen on its two validation runs (x0.5, x2: trained on 1,149 digits,
+    evaluated on the 288 held out), recorded in lr_selection.json and figures/smoke/
+    lr_selection.csv (in the manifest), and used by msr's main-grid and batch-size runs; the
+    lr sweep point at the chosen factor is the main grid's run; the validation runs never enter
+    a test-based table or figure; editing the selection config without Snakemake's metadata is
+    caught by check_runs."""
+    wd = copy_done(smoke_done, tmp_path / "wf")
+    res, figs = wd / "results" / "smoke", wd / "figures" / "smoke"
+    record = json.loads((res / "lr_selection.json").read_text())
+    (msr,) = record["selected"]
+    assert msr["variant"] == "msr" and msr["status"] == "chosen" and record["rule"].startswith("lr selection")
+    factor = msr["lr_factor"]
+    accs = {c["lr_factor"]: c["val_acc_mean"] for c in msr["candidates"]}
+    assert set(accs) == {0.5, 2.0} and msr["eval_images"] == 288
+    for f, tag in ((0.5, "val-lrx0.5"), (2.0, "val-lrx2")):
+        rec = json.loads((res / "runs/digits/resnet8/msr" / tag / "seed0/config.json").read_text())
+        assert (rec["eval_split"], rec["validation_size"], rec["lr_factor"]) == ("validation", 288, f)
+        summary = json.loads((res / "runs/digits/resnet8/msr" / tag / "seed0/summary.json").read_text())
+        assert summary["final_test_acc"] == pytest.approx(accs[f])  # the run's "test" numbers: validation
+    # the choice is the main grid's factor (every group: lr 0.4 x factor), and the batch-size
+    # point's (x 32/64, linear)
+    base = json.loads((res / "runs/digits/resnet8/msr/base/seed0/config.json").read_text())
+    assert (base["lr_factor"], base["lr"], base["eval_split"]) == (factor, pytest.approx(0.4 * factor), "test")
+    assert json.loads((res / "runs/digits/resnet8/msr/bs32/seed0/config.json").read_text())["lr_factor"] == factor / 2
+    assert json.loads((res / "runs/digits/resnet8/bn/base/seed0/config.json").read_text())["lr_factor"] == 1.0
+    assert (res / "runs/digits/resnet8/msr/lrx2/seed0/summary.json").exists() == (factor != 2.0)
+    table = pd.read_csv(figs / "lr_selection.csv")
+    assert table.loc[table["chosen"], "lr_factor"].tolist() == [factor]
+    manifest = json.loads((figs / "MANIFEST.json").read_text())
+    item = next(i for i in manifest["items"] if i["name"] == "lr_selection")
+    assert [f["path"] for f in item["files"]] == ["figures/smoke/lr_selection.csv"]
+    assert item["runs"] == ["digits/resnet8/msr/val-lrx0.5/seed0", "digits/resnet8/msr/val-lrx2/seed0"]
+
+    # runs.csv keeps them, apart; no figure or table of test results uses them
+    runs = pd.read_csv(res / "tables" / "runs.csv").set_index("run_id")
+    val = runs[runs["eval_split"] == "validation"]
+    assert sorted(val.index) == item["runs"] and set(val["sweep"]) == {"lr_selection"}
+    assert runs.loc["digits/resnet8/msr/base/seed0", "lr_selected_factor"] == factor
+    for other in manifest["items"]:
+        if other["name"] != "lr_selection":
+            assert not any("/val-lrx" in r for r in other["runs"]), other["name"]
+    t1 = pd.read_csv(figs / "tab1_ablation.csv")
+    assert "val-lrx" not in t1.to_csv()
+    summary = pd.read_csv(res / "tables" / "summary.csv")
+    assert set(summary.loc[summary["sweep"] == "lr_selection", "eval_split"]) == {"validation"}
+    assert set(summary.loc[summary["sweep"] != "lr_selection", "eval_split"]) == {"test"}
+
+    # a config edit without Snakemake's metadata (copied results, --rerun-triggers mtime): the
+    # validation runs were trained on another split; check_runs names them before aggregation
+    shutil.rmtree(wd / ".snakemake")
+    overlay = tmp_path / "val.yaml"
+    overlay.write_text(yaml.safe_dump({"lr_selection": {"validation_size": 300}}))
+    done = snakemake(wd, "--cores", "2", "--rerun-triggers", "mtime", *SMOKE, str(overlay))
+    assert done.returncode != 0
+    assert "digits/resnet8/msr/val-lrx0.5/seed0 (validation_size: 288 -> 300)" in done.stderr, done.stderr[-3000:]
+    assert "2 run(s)" in (res / "logs/check_runs.log").read_text()
+    assert not (res / "runs/digits/resnet8/msr/val-lrx2/seed0/summary.json").exists()
+    assert (res / "runs/digits/resnet8/msr/base/seed0/summary.json").exists()
+
+
+BS_RUN = "digits/resnet8/msr/bs32/seed0"  # smoke's batch-size point: lr 0.4 x the chosen factor x 32/64 (linear)
+
+
+def bs_run_lrs(wd: Path) -> tuple[float, float]:
+    """BS_RUN's lr with linear scaling and with none, at msr's chosen factor."""
+    factor = chosen_factors(wd)[("digits", "resnet8", "msr")]
+    return 0.4 * factor * 32 / 64, 0.4 * factor
 
 
 def lr_scaling_none(tmp_path: Path) -> Path:
-    """The same batch-size point with lr_scaling none: its lr becomes 0.4; no other run changes."""
+    """The same batch-size point with lr_scaling none: its lr becomes 0.4 x the chosen factor;
+    no other run changes."""
     overlay = tmp_path / "none.yaml"
     overlay.write_text(yaml.safe_dump({"sweeps": {"batch_size": {"lr_scaling": "none"}}}))
     return overlay
@@ -491,9 +624,10 @@ def assert_set_follows_new_options(wd: Path):
     the changed config trained it."""
     res = wd / "results" / "smoke"
     runs = pd.read_csv(res / "tables" / "runs.csv").set_index("run_id")
-    assert runs.loc[BS_RUN, "lr"] == pytest.approx(0.4) and runs.loc[BS_RUN, "batch_size"] == 32
-    assert runs.loc["digits/resnet8/msr/lr0.8/seed0", "lr"] == pytest.approx(0.8)
-    assert json.loads((res / "runs" / BS_RUN / "config.json").read_text())["lr"] == pytest.approx(0.4)
+    _, lr = bs_run_lrs(wd)
+    assert runs.loc[BS_RUN, "lr"] == pytest.approx(lr) and runs.loc[BS_RUN, "batch_size"] == 32
+    assert runs.loc["digits/resnet8/msr/base/seed0", "lr"] == pytest.approx(lr)
+    assert json.loads((res / "runs" / BS_RUN / "config.json").read_text())["lr"] == pytest.approx(lr)
     assert BS_RUN in json.loads((res / "provenance" / "fig5_batch_size.json").read_text())["runs"]
     manifest = json.loads((wd / "figures" / "smoke" / "MANIFEST.json").read_text())
     assert manifest["run_config_sha256"][BS_RUN] == sha256(res / "runs" / BS_RUN / "config.json")
@@ -571,17 +705,50 @@ def test_config_edit_without_snakemake_metadata_is_caught(smoke_done, tmp_path):
     overlay = ["--configfile", "workflow/config/smoke.yaml", str(lr_scaling_none(tmp_path))]
     figures = {p.name: sha256(p) for p in (wd / "figures" / "smoke").iterdir()}
 
+    linear, none = bs_run_lrs(wd)  # the run's expected lr resolves msr's chosen factor
     done = snakemake(wd, "--cores", "2", "--rerun-triggers", "mtime", *overlay)
     assert done.returncode != 0
-    assert f"{BS_RUN} (lr: 0.2 -> 0.4)" in done.stderr and "rerun the same command" in done.stderr, done.stderr
+    assert f"{BS_RUN} (lr: {linear!r} -> {none!r})" in done.stderr and "rerun the same command" in done.stderr, done.stderr
     assert "1 run(s)" in (wd / "results/smoke/logs/check_runs.log").read_text()
     assert {p.name: sha256(p) for p in (wd / "figures" / "smoke").iterdir()} == figures
     log = wd / "results/smoke/logs/train" / f"{BS_RUN}.log"
-    assert "lr 0.2" in log.read_text()  # not retrained yet
+    assert f"lr {linear:g}" in log.read_text()  # not retrained yet
 
     done = snakemake(wd, "--cores", "2", "--rerun-triggers", "mtime", *overlay)
     assert done.returncode == 0, done.stderr[-5000:]
-    assert "options changed (lr: 0.2 -> 0.4); starting this run over" in log.read_text()
+    assert f"options changed (lr: {linear!r} -> {none!r}); starting this run over" in log.read_text()
     trained = [p for p in (wd / "results/smoke/logs/train").rglob("*.log") if "starting this run over" in p.read_text()]
     assert trained == [log]
     assert_set_follows_new_options(wd)
+
+
+@pytest.mark.slow
+def test_a_new_lr_choice_retrains_the_tuned_runs_and_only_a_new_one(smoke_done, tmp_path):
+    """A validation run retrained (deleted here) reruns select_lr, which rewrites the choice;
+    with the same choice, msr's main-grid and batch-size runs are kept (the selection is their
+    `ancient` input: only a changed --lr-factor, Snakemake's params trigger, retrains them). A
+    config edit that changes the choice retrains them, in the same invocation."""
+    wd = copy_done(smoke_done, tmp_path / "wf")
+    res = wd / "results" / "smoke"
+    tuned = [res / "runs/digits/resnet8/msr" / tag / "seed0/summary.json" for tag in ("base", "bs32")]
+    before = {p: p.stat().st_mtime_ns for p in tuned}
+    chosen = chosen_factors(wd)[("digits", "resnet8", "msr")]
+    (res / "runs/digits/resnet8/msr/val-lrx0.5/seed0/summary.json").unlink()
+    done = snakemake(wd, "--cores", "2", *SMOKE)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "localcheckpoint select_lr" in done.stdout + done.stderr or "checkpoint select_lr" in done.stdout + done.stderr
+    assert chosen_factors(wd)[("digits", "resnet8", "msr")] == chosen
+    assert {p: p.stat().st_mtime_ns for p in tuned} == before
+
+    # the candidates change: x1 replaces x2; whatever is chosen now, the tuned runs follow it
+    overlay = tmp_path / "factors.yaml"
+    overlay.write_text(yaml.safe_dump({"lr_selection": {"factors": [0.5, 1]}}))
+    done = snakemake(wd, "--cores", "2", *SMOKE, str(overlay))
+    assert done.returncode == 0, done.stderr[-5000:]
+    now = chosen_factors(wd)[("digits", "resnet8", "msr")]
+    assert now in (0.5, 1.0)
+    base = json.loads((res / "runs/digits/resnet8/msr/base/seed0/config.json").read_text())
+    assert base["lr_factor"] == now and base["lr"] == pytest.approx(0.4 * now)
+    assert json.loads((res / "runs/digits/resnet8/msr/bs32/seed0/config.json").read_text())["lr_factor"] == now / 2
+    done = snakemake(wd, "-n", *SMOKE, str(overlay))
+    assert done.returncode == 0 and "Nothing to be done" in done.stdout + done.stderr, done.stdout + done.stderr

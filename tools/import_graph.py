@@ -31,7 +31,7 @@ PACKAGE = "msr"
 # (its __init__ holds the version); ``__main__`` is ``python -m msr``.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("msr", "catalog", "atomic", "machine"),  # facts, atomic writes, the machine record: no msr imports
-    ("core",),  # models, the method, the variant registry
+    ("core", "outcome"),  # models, the method, the variant registry | what a run's end means (trained, failed)
     ("data",),  # datasets and the device loader (needs no model)
     ("training",),  # one run: config, run directory, probes, loop, stacked seeds
     ("analysis", "pipeline"),  # run directories -> the published set | the workflow's grid

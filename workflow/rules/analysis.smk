@@ -15,22 +15,28 @@
 # --rerun-triggers mtime) this check catches it: stale runs lose their summary.json and the
 # pipeline stops naming them, so the next run retrains them. Its output is named by the hash
 # of every run's expected options, so it reruns whenever they change.
+# Runs whose lr factor was chosen on the validation split are checked against the choice
+# (lr_selection.json): a changed choice makes their earlier runs stale too.
 rule check_runs:
     input:
-        all_summaries(),
+        summaries=all_summaries,
+        selection=[SELECTION] if SELECTING else [],
     output:
         RUNS_CHECKED,
     log:
         f"{LOGS}/check_runs.log",
     localrule: True
     run:
-        grid.check_runs(RUNS_ROOT, EXPECTED, output[0], log=log[0])
+        check_all_runs(input.selection, output[0], log[0])
 
 
+# runs.csv holds every run, the validation runs of the lr selection too (sweep lr_selection,
+# eval_split validation: their "test" accuracy is validation accuracy, kept apart everywhere)
 rule aggregate:
     input:
-        summaries=all_summaries(),
+        summaries=all_summaries,
         checked=RUNS_CHECKED,
+        selection=[SELECTION] if SELECTING else [],
     output:
         **TABLES,
     log:
@@ -38,12 +44,13 @@ rule aggregate:
     params:
         root=lambda wildcards, input: RUNS_ROOT,  # run ids are paths below it
         out=lambda wildcards, output: os.path.dirname(output.runs),
+        selection=lambda wildcards, input: f"--lr-selection {input.selection[0]}" if SELECTING else "",
     resources:
         **slurm_resources(),
     conda:
         CONDA_ENV
     shell:
-        "msr aggregate --runs {params.root} --out {params.out} {input.summaries} > {log} 2>&1"
+        "msr aggregate --runs {params.root} --out {params.out} {params.selection} {input.summaries} > {log} 2>&1"
 
 
 # One notebook rule per entry of ANALYSES; a figure writes png + pdf, a table csv + md + tex,
@@ -94,7 +101,7 @@ for _item in ANALYSES:
 rule manifest:
     input:
         files=all_outputs(),
-        provenance=expand(f"{RESULTS}/provenance/{{name}}.json", name=[item["name"] for item in ANALYSES]),
+        provenance=all_provenance(),
         runs=TABLES["runs"],
     output:
         manifest=MANIFEST,

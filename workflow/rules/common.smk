@@ -20,7 +20,7 @@ from snakemake.exceptions import WorkflowError
 
 try:
     from msr import catalog
-    from msr.pipeline import grid
+    from msr.pipeline import grid, selection
     from msr.data import cache_path as _msr_cache_path
     from msr.core.models import parse_arch as _msr_parse_arch
 except ImportError as err:  # pragma: no cover - a setup problem, not a config problem
@@ -131,10 +131,43 @@ except grid.GridError as err:
 
 # What every run's config.json must record (grid.expected_record), keyed by run path;
 # its hash names the check_runs output, so a config edit that changes any run's options
-# reruns the check even where Snakemake keeps no metadata (analysis.smk, check_runs).
+# reruns the check even where Snakemake keeps no metadata (analysis.smk, check_runs). A run
+# whose lr factor is chosen on the validation split records "selected" here; the check
+# compares the record with the choice filled in (grid.Run.resolve).
 EXPECTED = {run.path: grid.expected_record(run, config) for run in RUNS.values()}
 GRID_SHA = hashlib.sha256(json.dumps(EXPECTED, sort_keys=True).encode()).hexdigest()[:16]
 RUNS_CHECKED = f"{RESULTS}/checks/runs-{GRID_SHA}.json"
+
+# The lr selection (train.smk: the select_lr checkpoint): the validation runs, the choice
+# (read by the main grid's train jobs), and its table, published with the figures.
+SELECTION_RUNS = [run for run in RUNS.values() if run.eval_split == "validation"]
+SELECTING = bool(SELECTION_RUNS)
+SELECTION = f"{RESULTS}/lr_selection.json"
+SELECTION_TABLE = f"{FIGURES_DIR}/lr_selection.csv"
+SELECTION_PROVENANCE = f"{RESULTS}/provenance/lr_selection.json"
+_FACTORS = {}
+
+
+def chosen_factors():
+    """(dataset, arch, variant) -> the factor chosen on the validation split, for an input or
+    params function. Before the first choice, checkpoints.get raises Snakemake's
+    IncompleteCheckpointException: the job waits for select_lr (params <TBD> in a dry-run).
+    Once a choice exists it is read directly: Snakemake's first DAG pass treats every checkpoint
+    output as incomplete, and <TBD> params there would fire the params trigger of every tuned
+    run and leave its downstream jobs (the notebooks) marked for a rerun at every invocation.
+    When select_lr does rerun, Snakemake re-evaluates every job that takes its output as input
+    once it has finished, so a changed choice still retrains the tuned runs (params trigger)."""
+    path = SELECTION if os.path.exists(SELECTION) else checkpoints.select_lr.get().output.json
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _FACTORS:
+        _FACTORS.clear()
+        _FACTORS[key] = selection.load(path)
+    return _FACTORS[key]
+
+
+def resolved(run):
+    """The run with its chosen lr factor filled in (None: a sweep point reused from the main grid)."""
+    return run.resolve(chosen_factors()) if run.needs_selection else run
 
 
 def processed_path(dataset):
@@ -174,14 +207,21 @@ def probe_every(run):
 
 def train_args(wildcards):
     """The command-line options of one run - and nothing else, so editing any other part of the
-    config (another run, a sweep, the analysis) never changes this job's params."""
+    config (another run, a sweep, the analysis) never changes this job's params. A run whose lr
+    factor is chosen on the validation split reads the choice (after select_lr)."""
     run, train = run_of(wildcards), config["train"]
+    if run.needs_selection:
+        run = resolved(run)
+        if run is None:
+            raise WorkflowError(f"{run_of(wildcards).path} is the main grid's run at the chosen lr factor: not trained twice")
     args = ["--dataset", run.dataset, "--arch", run.arch, "--variant", run.variant,
             "--seed", run.seed, "--epochs", grid.per_dataset(train, "epochs", run.dataset), "--batch-size", run.batch_size,
             "--device", train["device"], "--probe-every", probe_every(run),
             "--data-root", DATA_ROOT]
-    if run.lr is not None:
-        args += ["--lr", repr(run.lr)]
+    if run.lr_factor != 1.0:
+        args += ["--lr-factor", repr(run.lr_factor)]
+    if run.eval_split != "test":
+        args += ["--eval-split", run.eval_split, "--validation-size", run.validation_size]
     if run.noise_delta is not None:
         args += ["--noise-delta", repr(run.noise_delta)]
     if train["image_size"] is not None:
@@ -199,7 +239,27 @@ def train_args(wildcards):
 
 def expected_json(wildcards):
     """What the run's config.json must say; the train job clears a directory that says otherwise."""
-    return json.dumps(EXPECTED[run_of(wildcards).path], sort_keys=True, separators=(",", ":"))
+    run = run_of(wildcards)
+    record = grid.expected_record(resolved(run), config) if run.lr_factor is None else EXPECTED[run.path]
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def selection_input(wildcards):
+    """The lr selection, for a run whose factor it chooses (Snakemake orders the job after it).
+    ancient: a rerun of select_lr (one validation run retrained) rewrites the file, and only a
+    changed choice - a changed --lr-factor, Snakemake's params trigger - retrains the run."""
+    return [ancient(SELECTION)] if run_of(wildcards).lr_factor is None else []
+
+
+def resolved_expected(factors):
+    """EXPECTED of every run the pipeline trains, with the chosen factors filled in."""
+    return {run.path: grid.expected_record(run, config) for run in grid.resolve(RUNS, factors).values()}
+
+
+def check_all_runs(selection_files, out, log):
+    """check_runs: every run directory against the config, tuned runs against the choice."""
+    factors = selection.load(selection_files[0]) if SELECTING else {}
+    grid.check_runs(RUNS_ROOT, resolved_expected(factors), out, log=log)
 
 
 def runs_per_gpu():
@@ -208,8 +268,34 @@ def runs_per_gpu():
     return config["resources"]["runs_per_gpu"] if config["train"]["device"] != "cpu" else 0
 
 
-def all_summaries():
-    return [f"{RUNS_ROOT}/{run.path}/summary.json" for run in RUNS.values()]
+def summary_of(run):
+    return f"{RUNS_ROOT}/{run.path}/summary.json"
+
+
+def static_summaries():
+    """Every run known before the lr selection: the main grid (its paths do not depend on the
+    chosen factors), the validation runs and every sweep point the choice cannot make a
+    main-grid run. `snakemake -n` lists these."""
+    return [summary_of(run) for run in RUNS.values() if not run.unless_selected]
+
+
+def selected_summaries(wildcards=None):
+    """The lr sweep points that the selection might have made main-grid runs: those it did not
+    (known once select_lr has run)."""
+    maybe = [run for run in RUNS.values() if run.unless_selected]
+    if not maybe:
+        return []
+    factors = chosen_factors()
+    return [summary_of(run) for run in maybe if run.resolve(factors) is not None]
+
+
+def all_summaries(wildcards=None):
+    """Every run the pipeline trains (an input function: the tail waits for the selection)."""
+    return static_summaries() + selected_summaries()
+
+
+def selection_runs_summaries():
+    return [summary_of(run) for run in SELECTION_RUNS]
 
 
 def config_json():
@@ -252,13 +338,29 @@ PROBE_SELECTION = {
     "dataset": config["analysis"]["probe_dataset"] or config["datasets"][0],
     "arch": config["analysis"]["probe_arch"] or config["archs"][0],
 }
-# the claims table and the peers figure compare variants across the whole study
+# the claims table and the peers figure compare variants across the whole study. margins: T3's
+# equivalence margin per dataset of the study, in pp (analysis.margins, else
+# analysis.default_margin); min_sweep_seeds: runs an lr sweep point needs to be judged;
+# lr_selection: which variants' lr factors were chosen on the validation split, and how
+# (their choice: lr_selection.csv / runs.csv's lr_factor); lr_unit: what an lr sweep value is
 STUDY = {
     "variants": config["variants"],
     "datasets": config["datasets"],
     "archs": config["archs"],
     "seeds": config["seeds"],
     "sweeps": {name: resolved_sweep(name) for name in ("lr", "batch_size", "noise_delta")},
+    "margins": {d: config["analysis"]["margins"].get(d, config["analysis"]["default_margin"])
+                for d in sorted(set(config["datasets"]) | {d for s in ("lr", "batch_size", "noise_delta")
+                                                           for d in resolved_sweep(s)["datasets"]})},
+    "min_sweep_seeds": config["analysis"]["min_sweep_seeds"],
+    "lr_selection": {
+        "variants": grid.tuned_variants(config),
+        "factors": config["lr_selection"]["factors"],
+        "seeds": config["lr_selection"]["seeds"],
+        "validation_size": config["lr_selection"]["validation_size"],
+        "rule": selection.RULE,
+    },
+    "lr_unit": "factor of each variant's own lr, every param group scaled together",
 }
 
 # Every figure and table: one notebook each (notebooks/<name>.ipynb), one rule each, generated
@@ -292,4 +394,11 @@ def analysis_files(item):
 
 
 def all_outputs():
-    return [f for item in ANALYSES for f in analysis_files(item)]
+    """Every file of the figure set: the notebooks' figures and tables, and the lr selection's table."""
+    return [f for item in ANALYSES for f in analysis_files(item)] + ([SELECTION_TABLE] if SELECTING else [])
+
+
+def all_provenance():
+    """The records the manifest is made from: one per notebook, and the lr selection's."""
+    return ([f"{RESULTS}/provenance/{item['name']}.json" for item in ANALYSES]
+            + ([SELECTION_PROVENANCE] if SELECTING else []))

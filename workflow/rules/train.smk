@@ -2,6 +2,15 @@
 # summary.json, which `msr train` writes last and atomically; the directory also holds
 # config.json, metrics.csv, probes.csv and checkpoint.pt.
 #
+# Learning rates: every run trains at a FACTOR of its variant's own lrs (`--lr-factor`, every
+# param group together). For the variants of `lr_selection`, the factor is data the DAG depends
+# on: their validation runs (tag val-lrx<f>: trained on the training data less a held-out
+# split, evaluated on it, never on the test set) -> the checkpoint `select_lr` (the rule:
+# msr.pipeline.selection) -> their main-grid and sweep runs, whose input names the choice and
+# whose params read it. Before the choice exists those params are <TBD> (`snakemake -n` still
+# lists every main-grid run); an lr sweep point that the choice makes a main-grid run is not
+# trained (common.smk: selected_summaries), so it appears only once the choice is made.
+#
 # A rerun of the same run (a killed or failed job) resumes from checkpoint.pt. A rerun because
 # the run's options changed (Snakemake's params trigger, e.g. more epochs, or check_runs in
 # analysis.smk) must start over: `msr reset-run` (msr.pipeline.grid.reset) clears the directory when its
@@ -20,9 +29,26 @@
 # share GPUs through gpu_slots).
 
 
+checkpoint select_lr:
+    input:
+        selection_runs_summaries(),
+    output:
+        json=SELECTION,
+        table=report(SELECTION_TABLE, caption="../report/lr_selection.rst", category="Tables",
+                     labels={"table": "lr selection"}),
+        provenance=SELECTION_PROVENANCE,
+    log:
+        f"{LOGS}/select_lr.log",
+    localrule: True
+    run:
+        selection.select(SELECTION_RUNS, RUNS_ROOT, out=output.json, table=output.table,
+                         provenance=output.provenance, log=log[0])
+
+
 rule train:
     input:
         data=lambda wildcards: processed_path(wildcards.dataset),
+        selection=selection_input,
     output:
         f"{RUNS_ROOT}/{{dataset}}/{{arch}}/{{variant}}/{{tag}}/seed{{seed}}/summary.json",
     log:

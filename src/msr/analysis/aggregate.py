@@ -4,8 +4,11 @@
 directory") and writes, into ``--out``:
 
 - ``runs.csv``    one row per run: every config field (the variant spec flattened as
-  ``spec_<field>``), the run's place in the grid (``tag``, ``sweep``), status, final/best
-  accuracies, diverged step, time and memory;
+  ``spec_<field>``; ``lr_factor``: every param group's factor of the variant's own lr;
+  ``eval_split``: what the run's ``*_test_*`` numbers were measured on), the run's place in
+  the grid (``tag``, ``sweep``), status, final/best accuracies, diverged step, time and
+  memory; with ``lr_selection``, ``lr_selected_factor``: the factor chosen on the validation
+  split for the run's variant (empty for a variant not tuned);
 - ``summary.csv`` one row per group of seeds (same dataset, arch, variant, sweep point):
   ``n``, ``n_completed``, ``n_diverged``, ``divergence_rate`` and, for every metric in
   ``SUMMARY_METRICS``, ``<metric>_mean/_std/_ci95`` over the *completed* runs;
@@ -22,6 +25,12 @@ become non-finite, so averaging it in would mix two different outcomes. Divergen
 instead reported as its own count and rate, next to every mean (never dropped silently).
 Final-epoch numbers are the headline; ``best_test_acc`` is kept but is selected on the test
 set and must only ever be shown labelled as such.
+
+Validation runs (the lr selection's: tag ``val-lrx<f>``, sweep ``lr_selection``,
+``eval_split`` ``validation``) are rows of runs.csv like every run, but their ``final_test_acc``
+is VALIDATION accuracy: they form their own groups in summary.csv (the sweep and the eval split
+are group keys) and a table or figure of test results must take ``eval_split == "test"`` runs
+only (the main grid is sweep ``base``).
 
 Per-step probes (``probes.csv``) stay in the run directories; ``load_probes`` reads the few
 runs a figure needs.
@@ -42,6 +51,7 @@ from msr import atomic
 from msr.training.rundir import (
     METRIC_COLUMNS,
     METRICS,
+    MISSING_MEANS,
     PROBES,
     check_complete,
     damaged,
@@ -52,8 +62,8 @@ from msr.training.rundir import (
 # The keys that place a run in the grid, in path order: <dataset>/<arch>/<variant>/<tag>/seed<k>
 RUN_KEYS = ("dataset", "arch", "variant", "tag", "seed")
 # Runs that differ only in the seed form one group
-GROUP_KEYS = ("dataset", "arch", "depth", "variant", "sweep", "tag", "lr", "batch_size",
-              "noise_delta", "epochs", "image_size")
+GROUP_KEYS = ("dataset", "arch", "depth", "variant", "sweep", "eval_split", "tag", "lr", "lr_factor",
+              "batch_size", "noise_delta", "epochs", "image_size")
 SUMMARY_METRICS = (
     "final_test_acc",
     "best_test_acc",
@@ -70,16 +80,21 @@ SUMMARY_METRICS = (
     "wall_seconds",
     "train_seconds",
 )
-_SWEEP_OF_TAG = (("base", re.compile(r"^base$")), ("lr", re.compile(r"^lr[0-9.eE+-]+$")),
-                 ("batch_size", re.compile(r"^bs\d+$")), ("noise_delta", re.compile(r"^d[0-9.eE+-]+$")))
+# lr sweep tags: lrx<factor> (every group at a factor of the variant's lr); lr<v> (older sets:
+# the conv group's lr); the lr selection's validation runs: val-lrx<factor>
+_SWEEP_OF_TAG = (("base", re.compile(r"^base$")), ("lr", re.compile(r"^lrx?[0-9.eE+-]+$")),
+                 ("batch_size", re.compile(r"^bs\d+$")), ("noise_delta", re.compile(r"^d[0-9.eE+-]+$")),
+                 ("lr_selection", re.compile(r"^val-lrx[0-9.eE+-]+$")))
+
 
 # --------------------------------------------------------------------------------------------
 # Reading run directories
 
 
 def sweep_of_tag(tag: str) -> str:
-    """``base`` / ``lr`` / ``batch_size`` / ``noise_delta`` from the pipeline's sweep tags
-    (``base``, ``lr0.8``, ``bs32``, ``d0.2``); anything else is its own sweep ``other``."""
+    """``base`` / ``lr`` / ``batch_size`` / ``noise_delta`` / ``lr_selection`` from the
+    pipeline's tags (``base``, ``lrx2``, ``bs32``, ``d0.2``, ``val-lrx0.5``); anything else is
+    its own sweep ``other``."""
     for sweep, pattern in _SWEEP_OF_TAG:
         if pattern.match(tag):
             return sweep
@@ -130,6 +145,9 @@ def load_run(run_dir: Path, root: Path | None = None) -> dict:
             record[key] = json.dumps(value, sort_keys=True)
         else:
             record[key] = value
+    for key, value in MISSING_MEANS.items():
+        if "." not in key:  # an older msr's run: what its missing keys mean
+            record.setdefault(key, value)
     record["tag"] = run_dir.parent.name
     record["sweep"] = sweep_of_tag(record["tag"])
     record["depth"] = depth_of_arch(record.get("arch", ""))
@@ -167,7 +185,7 @@ def load_runs(run_dirs: Iterable[Path], root: Path | None = None) -> pd.DataFram
 def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """``curves.csv``: every run's metrics.csv (one row per epoch) with the run's keys (a key
     that metrics.csv also has, like ``lr``, gets the prefix ``run_``)."""
-    keys = ["run_id", *RUN_KEYS, "sweep", "lr", "batch_size", "noise_delta", "status"]
+    keys = ["run_id", *RUN_KEYS, "sweep", "eval_split", "lr", "lr_factor", "batch_size", "noise_delta", "status"]
     keys = [k for k in keys if k in runs.columns]
     frames = []
     for row in runs.itertuples(index=False):
@@ -278,11 +296,34 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     atomic.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
 
 
-def aggregate(run_dirs: Iterable[Path], out: Path, root: Path | None = None) -> dict[str, Path]:
-    """Write runs.csv, summary.csv and curves.csv for ``run_dirs`` into ``out``."""
+def selected_factors(path: str | Path) -> dict[tuple[str, str, str], float]:
+    """(dataset, arch, variant) -> the lr factor chosen on the validation split, from the lr
+    selection's record (msr.pipeline.selection writes it: ``{"selected": [{"dataset", "arch",
+    "variant", "lr_factor", ...}]}``); a damaged one is a ValueError naming it."""
+    try:
+        record = json.loads(Path(path).read_text())
+        return {(s["dataset"], s["arch"], s["variant"]): float(s["lr_factor"]) for s in record["selected"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable lr selection record ({type(err).__name__})") from None
+
+
+def add_selection(runs: pd.DataFrame, factors: dict[tuple[str, str, str], float]) -> pd.DataFrame:
+    """``lr_selected_factor``: the factor chosen for each run's variant (NaN: not tuned)."""
+    runs = runs.copy()
+    keys = zip(runs.get("dataset", []), runs.get("arch", []), runs.get("variant", []), strict=True)
+    runs["lr_selected_factor"] = [factors.get(k, math.nan) for k in keys]
+    return runs
+
+
+def aggregate(run_dirs: Iterable[Path], out: Path, root: Path | None = None,
+              lr_selection: str | Path | None = None) -> dict[str, Path]:
+    """Write runs.csv, summary.csv and curves.csv for ``run_dirs`` into ``out`` (with
+    ``lr_selection``, the lr selection's record: runs.csv gets ``lr_selected_factor``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(run_dirs, root)
+    if lr_selection is not None:
+        runs = add_selection(runs, selected_factors(lr_selection))
     paths = {"runs": out / "runs.csv", "summary": out / "summary.csv", "curves": out / "curves.csv"}
     _write_csv(runs, paths["runs"])
     _write_csv(summarize(runs), paths["summary"])

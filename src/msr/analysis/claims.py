@@ -96,6 +96,15 @@ import pandas as pd
 
 from msr import catalog
 from msr.analysis.aggregate import depth_of_arch
+from msr.outcome import (
+    AT_CHANCE,
+    DIVERGED,
+    FAIL_FRACTION,
+    TRAINED,
+    chance_level,
+    failure_threshold,
+    run_outcome,
+)
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 BASELINE_FAILED, BY_CONSTRUCTION = "baseline failed to train", "by construction"
@@ -106,21 +115,14 @@ MIN_SWEEP_SEEDS = 2  # runs a sweep point needs to be judged stable or not (clai
 SIGNFLIP_MIN_N = 6  # from 6 pairs the exact sign-flip interval exists at 95% (2/64 < 0.05)
 SIGNFLIP_EXACT_MAX = 16  # up to 2^16 sign vectors enumerated; above, Monte Carlo draws
 SIGNFLIP_DRAWS = 2**16
-# A run fails below chance + FAIL_FRACTION x (1 - chance) final test accuracy: half way from
-# chance to perfect (55% for 10 classes, 50.5% for 100). The same threshold on final clean train
-# accuracy decides "failed to train".
-FAIL_FRACTION = 0.5
 DEFAULT_MARGIN = 0.005  # equivalence margin in accuracy units (0.5 pp), per dataset via margins=
 # Claim 3: outputs count as identical within this fraction of the largest |output|.
 IDENTITY_TOL = 1e-6
-# Classes per dataset, for the chance level (1 / classes), from the catalog; others via num_classes=.
-NUM_CLASSES = {name: facts.num_classes for name, facts in catalog.DATASETS.items()}
 # claim 6 ("weight normalization and init-only schemes do not"): the variants the catalog files under it
 PEERS_CLAIM6 = tuple(name for name, claim in catalog.VARIANT_CLAIMS.items() if claim == "6")
 # Pairs (A, B) whose runs with the same seed also share the init: the noise module holds no
 # parameters, so x and x_noise build the same weights from torch.manual_seed(seed).
 SHARES_INIT = frozenset({("msr_noise", "msr"), ("bn_noise", "bn")})
-TRAINED, DIVERGED, AT_CHANCE = "trained", "diverged", "at chance"
 
 Expect = Literal["above", "below"]
 
@@ -151,36 +153,6 @@ RULES = (
     "init) and msr's train/eval independence. Claim 3 measured: msr_noise's eval output equals "
     "its train-mode output without noise; bn is the control that shows a difference.",
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Failure: one definition
-
-
-def failure_threshold(chance: float) -> float:
-    """Final test accuracy under which a run failed (ended at chance): chance + 0.5 (1 - chance).
-    The same number on final clean train accuracy decides "failed to train"."""
-    return chance + FAIL_FRACTION * (1.0 - chance)
-
-
-def run_outcome(status: str, final_test_acc: float, chance: float) -> str:
-    """:data:`TRAINED`, :data:`DIVERGED` or :data:`AT_CHANCE` (failed: below
-    :func:`failure_threshold`). A run that is neither completed nor diverged (e.g. interrupted)
-    has no outcome and is an error, never silently dropped."""
-    status = str(status)
-    if status == "diverged":
-        return DIVERGED
-    if status != "completed":
-        raise ValueError(f"run status {status!r} is neither 'completed' nor 'diverged': not a result")
-    acc = float(final_test_acc) if final_test_acc is not None else math.nan
-    if not math.isfinite(acc):
-        raise ValueError("a completed run without a finite final_test_acc: its run directory is damaged")
-    return TRAINED if acc >= failure_threshold(chance) else AT_CHANCE
-
-
-def run_failed(status: str, final_test_acc: float, chance: float) -> bool:
-    """Did this run fail (diverged, or ended at chance)? See :func:`run_outcome`."""
-    return run_outcome(status, final_test_acc, chance) != TRAINED
 
 
 def outcomes(runs: pd.DataFrame, chance: float | pd.Series) -> pd.Series:
@@ -957,19 +929,6 @@ def train_eval_difference(variant: str, depth: int, num_classes: int, in_channel
 
 # --------------------------------------------------------------------------------------------
 # Table T3 from the aggregated runs
-
-
-def classes_of(dataset: str, num_classes: Mapping[str, int] | None = None) -> int:
-    """The number of classes of ``dataset`` (``num_classes`` adds to or overrides NUM_CLASSES)."""
-    classes = {**NUM_CLASSES, **(num_classes or {})}
-    if dataset not in classes:
-        raise ValueError(f"number of classes of dataset {dataset!r} unknown: add it to "
-                         f"msr.catalog.DATASETS or pass num_classes={{{dataset!r}: N}}")
-    return int(classes[dataset])
-
-
-def chance_level(dataset: str, num_classes: Mapping[str, int] | None = None) -> float:
-    return 1.0 / classes_of(dataset, num_classes)
 
 
 def sweep_key(runs: pd.DataFrame) -> tuple[str, str]:

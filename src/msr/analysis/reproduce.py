@@ -372,6 +372,10 @@ def run_values(record: dict[str, Any], *, root: Path, data_root: str | Path | No
         raise ReproduceError("its manifest record has no config to retrain it from")
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {k: v for k, v in config.items() if k in fields}
+    if values.get("lr_factor") is not None:
+        # config.json records both the conv group's lr (resolved) and the factor every group
+        # got; the factor alone retrains the run (RunConfig takes one of them)
+        values.pop("lr", None)
     if values.get("device"):
         values["device"] = str(values["device"]).split(":")[0]  # cuda:0 -> cuda
     recorded_root = Path(values.get("data_root") or "data")

@@ -25,6 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=Path, default=RESULTS / "runs",
                    help=f"the runs root (run ids are paths below it) [{RESULTS / 'runs'}]")
     p.add_argument("--out", type=Path, default=RESULTS / "tables", help=f"output folder [{RESULTS / 'tables'}]")
+    p.add_argument("--lr-selection", type=Path, default=None,
+                   help="the lr selection's record (results/<set>/lr_selection.json): runs.csv gets the "
+                        "factor chosen for each run's variant (lr_selected_factor)")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser(
@@ -100,7 +103,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""), file=sys.stderr)
         return 2
     try:
-        paths = aggregate.aggregate(run_dirs, args.out, args.runs)
+        paths = aggregate.aggregate(run_dirs, args.out, args.runs, lr_selection=args.lr_selection)
     except (RunDirError, ValueError, OSError) as err:
         return fail("msr aggregate", str(err))
     print(f"aggregated {len(run_dirs)} run(s) into {', '.join(str(p) for p in paths.values())}")

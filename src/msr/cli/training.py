@@ -34,6 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stacked", action="store_true",
                    help="with --seeds: train them stacked in one process (torch.func; msr.training.stacked_loop)")
     p.add_argument("--lr", type=float, help="base (conv-group) lr; other groups keep their ratio (default: the variant's)")
+    p.add_argument("--lr-factor", dest="lr_factor", type=float, metavar="F",
+                   help="every param group at F x the variant's own lr (default: 1, the variant's own; not with --lr)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="default: the dataset's (msr datasets lists them)")
     p.add_argument("--noise-delta", dest="noise_delta", type=float,
                    help="noise magnitude d (turns noise on for any variant; default: the variant's)")
@@ -43,6 +45,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-subset", dest="train_subset", type=int, metavar="N",
                    help="train on a fixed class-stratified subset of N training images, from 1 to the "
                         "training set's size (the test set stays whole; default: all)")
+    p.add_argument("--eval-split", dest="eval_split", choices=list(config.EVAL_SPLITS),
+                   help=f"evaluate on the test set (default {d['eval_split']}) or on --validation-size training "
+                        "images held out (class-stratified, from outside --train-subset), for choosing an lr")
+    p.add_argument("--validation-size", dest="validation_size", type=int, metavar="N",
+                   help="training images held out with --eval-split validation (default: none; needed there)")
     p.add_argument("--device", choices=config.DEVICES, help=f"default {d['device']}")
     p.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     p.add_argument("--precision", choices=config.PRECISIONS,

@@ -139,6 +139,12 @@ class BlockInputNoise(nn.Module):
     the whole global batch from the (rank-identical) global RNG and keeps its own rows. Ranks
     thus draw different values, the RNG stays in step on every rank, and the noise equals the
     single-process run's at the global batch. ``(0, 1)``, the default, draws just the batch.
+
+    The multiplier is drawn in fp32 whatever the activations' dtype: drawn in bf16 (autocast),
+    U(0.9, 1.1) would take only 39 values, steps of 0.004 below 1 and 0.008 above - another,
+    discrete distribution. The product is formed in fp32 and rounded once to the input's dtype,
+    as any bf16 op rounds its result. (The authors drew it in the model's dtype, fp32 unless
+    their ``-half``: docs/method.md, "Noise injection".)
     """
 
     def __init__(self, delta: float = 0.1, dist: str = "uniform"):
@@ -151,18 +157,21 @@ class BlockInputNoise(nn.Module):
         self.dist = dist
         self.shard = (0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.delta == 0:
-            return x
+    def multiplier(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh fp32 draw of the multiplier for ``x``, shaped (N, C, 1, ...): of the whole
+        global batch under data parallelism, this rank's rows kept (``shard``)."""
         rank, world = self.shard
         shape = (x.shape[0] * world, x.shape[1]) + (1,) * (x.dim() - 2)
         if self.dist == "uniform":
-            eps = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(1 - self.delta, 1 + self.delta)
+            eps = torch.empty(shape, device=x.device, dtype=torch.float32).uniform_(1 - self.delta, 1 + self.delta)
         else:
-            eps = torch.randn(shape, device=x.device, dtype=x.dtype).mul_(self.delta).add_(1).clamp_(0, 2)
-        if world > 1:
-            eps = eps[rank * x.shape[0]:(rank + 1) * x.shape[0]]
-        return x * eps
+            eps = torch.randn(shape, device=x.device, dtype=torch.float32).mul_(self.delta).add_(1).clamp_(0, 2)
+        return eps[rank * x.shape[0]:(rank + 1) * x.shape[0]] if world > 1 else eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.delta == 0:
+            return x
+        return (x * self.multiplier(x)).to(x.dtype)  # fp32 product (type promotion), one rounding
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}, dist={self.dist!r}"

@@ -69,8 +69,11 @@ class GainConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gain = self.gain
         if self.training and self.gain_noise > 0:
-            noise = torch.empty_like(gain).uniform_(1 - self.gain_noise, 1 + self.gain_noise)
-            gain = gain * noise
+            # an fp32 draw (a bf16 one would be discrete): under autocast the gains stay fp32
+            # parameters, so the noisy kernel is exact; a model cast to bf16 rounds it once
+            noise = torch.empty(gain.shape, device=gain.device, dtype=torch.float32).uniform_(
+                1 - self.gain_noise, 1 + self.gain_noise)
+            gain = (gain * noise).to(gain.dtype)
         return self._conv_forward(x, self.weight * gain.view(-1, 1, 1, 1), self.bias)
 
 

@@ -88,6 +88,12 @@ class VariantSpec:
     scalar_lr: float | None = None
     scalar_decay: bool = True  # whether the "scalar" group gets the weight decay
     agc: float = 0.0  # adaptive gradient clipping factor lambda (NFNets); 0 = off
+    # linear learning-rate warm-up over this fraction of the run's optimizer steps (0 = none),
+    # from a conv-group lr of ``warmup_from`` up to the run's; every group follows the conv
+    # group's ratio. A run whose conv lr is at most ``warmup_from`` has nothing to warm up
+    # (Fixup's official rule: warm up only above 0.1). msr.training.schedule.LinearWarmup
+    warmup: float = 0.0
+    warmup_from: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.claim:  # the catalog is the one home of the claim labels
@@ -128,6 +134,10 @@ class VariantSpec:
         in_range("gain_init", 1e-12)
         in_range("nf_alpha", 1e-12)
         in_range("agc", 0.0)
+        in_range("warmup", 0.0, 1.0)
+        if self.warmup >= 1.0:
+            raise ValueError(f"variant {self.name!r}: warmup={self.warmup!r} is a fraction of the run: must be < 1")
+        in_range("warmup_from", 0.0)
         if self.scalar_lr is not None:
             in_range("scalar_lr", 0.0)
         self._check_peer_combination()
@@ -135,12 +145,6 @@ class VariantSpec:
             raise ValueError(f"variant {self.name!r}: the affine gain scheme replaces BatchNorm; use affine=false with norm='bn'")
         if self.gain_noise > 0 and not (self.norm == "none" and self.affine):
             raise ValueError(f"variant {self.name!r}: gain_noise needs the per-filter gains of the affine scheme")
-
-    def resolved_lr(self, lr: float | None) -> float:
-        """A run's base (conv-group) learning rate: ``lr``, or this variant's own when None (a
-        config's null, an omitted ``--lr``). The trainer, the run-directory checks and the
-        pipeline's grid all resolve it here."""
-        return self.lr if lr is None else lr
 
     def _check_peer_combination(self) -> None:
         """The peers' nets, inits and the method's options only combine where they are defined."""
@@ -195,20 +199,28 @@ VARIANTS: dict[str, VariantSpec] = {
         # --- peers (docs/method.md, "Peers"). Each keeps the harness's data, schedule and protocol.
         # Salimans & Kingma 2016 reparametrization (torch weight_norm) with the batch-free ResNet
         # init of Arpit et al. 2019 (victorcampos7/weightnorm-init@d57a84e): orthogonal v,
-        # g = sqrt(gain fan_in/fan_out); SGD lr 0.1; L2 1e-4 on v only, none on g and biases
-        # (Arpit et al. 2019; no warm-up: the harness's schedule)
+        # g = sqrt(gain fan_in/fan_out); SGD lr 0.1; L2 1e-4 on v only, none on g and biases.
+        # Warm-up: their init is meant "in conjunction with learning rate warmup" (the paper's
+        # abstract; their train.py ramps per step from --warmup_lr over --warmup_epochs, with a
+        # quadratic ramp), values for ResNets NOT published (their issue #3): [ADAPT] linear from
+        # lr 0.01 over 5 of 200 epochs, i.e. 2.5% of the run (docs/method.md, "Learning rates")
         VariantSpec(
             "wn", "weight normalization (every conv + classifier), Arpit et al. init, no batch statistics",
             norm="none", affine=False, init="arpit", weight_norm=True, lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.1, scalar_decay=False,
+            warmup=0.025, warmup_from=0.01,
         ),
         # Fixup (Zhang et al. 2019) as hongyi-zhang/Fixup@f3fa449 cifar/: scalars (and fc.bias)
         # at lr/10, weight decay 1e-4 on everything; mixup OFF here although the official
-        # trainer's default turns it on (--alpha 1.0): the harness has no mixup for any variant
+        # trainer's default turns it on (--alpha 1.0): the harness has no mixup for any variant.
+        # Warm-up as cifar/cifar_train.py@e57b6c0 adjust_learning_rate: only when the lr exceeds
+        # 0.1, linear from 0.1 over the first 10 of 200 epochs (5% of the run; per step here,
+        # per epoch there), every group scaled alike
         VariantSpec(
             "fixup", "Fixup: scalar biases + branch multipliers, L^-1/2 / zero init, scalars at lr/10; no mixup",
             norm="none", affine=False, init="fixup", block="fixup", lr=0.1, other_lr=0.1,
             weight_decay=1e-4, unity_kappa=0.0, scalar_lr=0.01, scalar_decay=True,
+            warmup=0.05, warmup_from=0.1,
         ),
         # SkipInit (De & Smith 2020): one scalar per branch, init 0; the rest as `plain`
         # (Kaiming, biases, L2 1e-4 on all, lr 0.1); the gate trains with the biases and fc
@@ -355,15 +367,22 @@ class Variant:
     def name(self) -> str:
         return self.spec.name
 
-    def param_groups(self, lr: float | None = None) -> list[dict]:
+    def param_groups(self, lr: float | None = None, *, factor: float | None = None) -> list[dict]:
         """Groups for ``torch.optim.SGD``: ``conv`` (conv kernels, log-gains), ``other`` (the rest)
         and, for the peers with a ``scalar_lr``, ``scalar`` (gates, gains, biases, WN's g).
 
-        ``lr`` replaces the variant's base (conv) learning rate, the first group's, which the
-        trainer reports; the other groups keep their ratio to it.
+        ``factor`` multiplies every group's learning rate (the variant's own lrs x factor: an lr
+        sweep point that means the same for every variant). ``lr`` is the older spelling: it
+        replaces the base (conv) learning rate, the first group's, and the other groups keep
+        their ratio to it - the factor ``lr / spec.lr``. At most one of them.
         """
         spec = self.spec
-        scale = 1.0 if lr is None else lr / spec.lr if spec.lr > 0 else 0.0
+        if lr is not None and factor is not None:
+            raise ValueError("param_groups: give lr or factor, not both")
+        if factor is not None:
+            scale = factor
+        else:
+            scale = 1.0 if lr is None else lr / spec.lr if spec.lr > 0 else 0.0
         kernel_ids = {id(kernel_parameter(c)) for c in self.model.convs()}
         fc_kernel = kernel_parameter(self.model.fc)
         conv, other, scalar = [], [], []

@@ -19,6 +19,9 @@ subclass plus its line below.
 ``synthetic`` (:mod:`msr.data.synthetic`)
     Generated learnable images, for tests (tests/datagen.py also writes them in the CIFAR
     layout, so the CIFAR path is tested offline).
+
+Splits of the training data: :func:`stratified_subset` (a fixed train subset) and
+:func:`validation_split` (:mod:`msr.data.splits`: images held out to choose an lr).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from msr.data.base import Dataset, DatasetError, DatasetSpec, stratified_subset
 from msr.data.cifar import IMAGENET_MEAN, IMAGENET_STD
 from msr.data.digits import DIGITS_IMAGE_SIZES, DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
 from msr.data.loader import DeviceLoader, normalize
+from msr.data.splits import validation_split
 from msr.data.synthetic import SYNTHETIC_DEFAULTS
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "prepare",
     "sources",
     "stratified_subset",
+    "validation_split",
 ]
 
 # The registry: one line per dataset, in the order the CLI and the config schema list them.

@@ -12,8 +12,20 @@ problem here stops the pipeline before any job, with one line that names the con
   null: each dataset's own, from msr.catalog - :func:`per_dataset`);
 - :func:`check_set_name` - a config that changes the default study but kept its set name
   (a config file without ``name:`` inherits the default's) would overwrite the default set;
-- :func:`build_grid` - every run of the config (main grid, then each sweep), refusing two
-  sweep values that would share one run directory (0.8 and 0.8000001 both give ``lr0.8``).
+- :func:`build_grid` - every run of the config (main grid, the lr selection's validation runs,
+  then each sweep), refusing two sweep values that would share one run directory (0.8 and
+  0.8000001 both give ``lrx0.8``).
+
+Learning rates are FACTORS of each variant's own lr, every param group scaled together
+(``msr train --lr-factor``): one lr sweep value then means the same for every variant.
+``train.lr`` (one conv-group lr for every run) is the factor ``train.lr / the variant's lr``.
+The variants of ``lr_selection`` get their factor from validation runs (tag ``val-lrx<f>``:
+trained on the training data less a held-out validation split, evaluated on it, never on the
+test set; msr.pipeline.selection chooses). Their main-grid runs and sweeps (batch size: that
+factor x the batch scaling) therefore carry :data:`SELECTED` until the choice exists:
+:func:`resolve` fills it in, and drops an lr sweep point that the choice makes equal to a
+main-grid run (:attr:`Run.unless_selected`: the main grid's run is reused). Snakemake makes
+that choice a ``checkpoint`` (workflow/rules/train.smk).
 
 And after training, before aggregation (the pipeline's ``check_runs`` rule, and ``reset`` at
 the start of every train job), the *recorded* options of each run directory (its
@@ -27,6 +39,7 @@ train job and must stay cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -36,8 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from msr import catalog
+from msr.training.rundir import MISSING_MEANS  # torch-free
 
-SWEEP_TAGS = {"lr": "lr", "batch_size": "bs", "noise_delta": "d"}
+SWEEP_TAGS = {"lr": "lrx", "batch_size": "bs", "noise_delta": "d"}
+SELECTION_TAG = "val-lrx"  # validation runs of the lr selection: val-lrx<factor>
+SELECTED = "selected"  # an lr factor that the validation runs choose (resolve() fills it in)
 
 
 class GridError(ValueError):
@@ -51,11 +67,19 @@ class Run:
     dataset: str
     arch: str
     variant: str
-    tag: str  # base | lr<v> | bs<v> | d<v>
+    tag: str  # base | lrx<f> | bs<v> | d<v> | val-lrx<f>
     seed: int
     batch_size: int  # resolved: train.batch_size, or the dataset's own (msr.catalog) when null
-    lr: float | None = None  # None: the variant's default
+    # every param group at this factor of the variant's own lr; None: the factor chosen on the
+    # validation split (lr_selection) times lr_scale - unknown until the selection runs ran
+    lr_factor: float | None = 1.0
+    lr_scale: float = 1.0  # multiplies a chosen factor (the batch-size sweep's lr scaling)
     noise_delta: float | None = None  # None: the variant's default
+    eval_split: str = "test"  # "validation": an lr selection run (msr train --eval-split)
+    validation_size: int | None = None
+    # an lr sweep point of a variant whose factor is chosen: when the choice equals lr_factor,
+    # this point IS the main grid's run (reused, not trained)
+    unless_selected: bool = False
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -65,6 +89,43 @@ class Run:
     def path(self) -> str:
         """The run directory below the set's runs folder (also the run id of runs.csv)."""
         return f"{self.dataset}/{self.arch}/{self.variant}/{self.tag}/seed{self.seed}"
+
+    @property
+    def needs_selection(self) -> bool:
+        """Whether this run's options (or its existence) wait for the lr selection."""
+        return self.lr_factor is None or self.unless_selected
+
+    def resolve(self, factors: Mapping[tuple[str, str, str], float]) -> Run | None:
+        """This run with the chosen factor filled in (``factors``: (dataset, arch, variant) ->
+        factor, :func:`msr.pipeline.selection.load`); None for an lr sweep point that the choice
+        makes the main grid's run."""
+        if not self.needs_selection:
+            return self
+        where = (self.dataset, self.arch, self.variant)
+        if where not in factors:
+            raise GridError(f"the lr selection has no factor for {'/'.join(where)}; rerun the pipeline "
+                            "(its select_lr step) to choose one")
+        chosen = float(factors[where])
+        if self.unless_selected:
+            same = math.isclose(chosen, self.lr_factor, rel_tol=1e-9, abs_tol=0.0)
+            return None if same else dataclasses.replace(self, unless_selected=False)
+        return dataclasses.replace(self, lr_factor=round(chosen * self.lr_scale, 12), lr_scale=1.0)
+
+
+def resolve(runs: Mapping[tuple, Run], factors: Mapping[tuple[str, str, str], float]) -> dict[tuple, Run]:
+    """Every run of the grid with the chosen factors filled in, the reused sweep points dropped."""
+    out = {}
+    for key, run in runs.items():
+        resolved = run.resolve(factors)
+        if resolved is not None:
+            out[key] = resolved
+    return out
+
+
+def tuned_variants(cfg: Mapping[str, Any]) -> list[str]:
+    """The variants whose lr factor is chosen on the validation split: ``lr_selection.variants``
+    that are in the main grid (a variant without main-grid runs has nothing to tune)."""
+    return [v for v in cfg["lr_selection"]["variants"] if v in cfg["variants"]]
 
 
 def fmt_value(value: float) -> str:
@@ -170,6 +231,45 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         if name == "batch_size":
             for value in sweep["values"]:
                 check_batch("sweeps.batch_size.values", int(value), datasets)
+    check_selection(cfg)
+
+
+def check_selection(cfg: Mapping[str, Any]) -> None:
+    """``lr_selection``: complete, not fighting ``train.lr``, and a validation split that leaves
+    every dataset enough images to hold out and to train on."""
+    sel, train = cfg["lr_selection"], cfg["train"]
+    if not sel["variants"]:
+        return
+    if not sel["factors"]:
+        raise GridError("config lr_selection: has variants but no factors; give both, or no variants to skip the selection")
+    if train["lr"] is not None and tuned_variants(cfg):
+        raise GridError(f"config train.lr={train['lr']!r} sets every run's lr, but lr_selection.variants "
+                        f"{tuned_variants(cfg)} would choose theirs on the validation split: set one of them "
+                        "(train.lr: null, or lr_selection.variants: [])")
+    n_val, subset = sel["validation_size"], train.get("train_subset")
+    if n_val is None:
+        raise GridError("config lr_selection.validation_size: give the number of training images to hold "
+                        "out for validation (the selection never looks at the test set)")
+    for dataset in cfg["datasets"]:
+        facts = catalog.dataset(dataset)
+        full = facts.train_size
+        if subset is not None:
+            left, trains = full - min(subset, full), min(subset, full)
+            where = f"outside train.train_subset={subset}"
+        else:
+            left, trains = full - 1, full - n_val
+            where = "in the training split"
+        if n_val > left:
+            raise GridError(f"config lr_selection.validation_size={n_val}: {dataset} has {full} training images, "
+                            f"{max(left, 0)} of them {where} to hold out")
+        if n_val < facts.num_classes:
+            raise GridError(f"config lr_selection.validation_size={n_val}: fewer than the {facts.num_classes} "
+                            f"classes of {dataset}")
+        batch = per_dataset(train, "batch_size", dataset)
+        if trains < batch:
+            raise GridError(f"config lr_selection.validation_size={n_val}: leaves {trains} images of {dataset} to "
+                            f"train on, fewer than the batch size {batch} "
+                            f"(train.batch_size, or {dataset}'s default when null)")
 
 
 # Where the data live and what a job may use: they change no result, so a config that differs
@@ -208,73 +308,112 @@ def _changed_keys(a: Any, b: Any, key: str = "") -> list[str]:
 
 
 def build_grid(cfg: Mapping[str, Any]) -> dict[tuple, Run]:
-    """Every run of the config, in a stable order: the main grid, then each sweep.
+    """Every run of the config, in a stable order: the main grid, the lr selection's validation
+    runs, then each sweep.
 
     A sweep point that is exactly a run of the main grid (same dataset, arch, variant, seed and
-    the same resolved value) is not trained twice: the figures take it from the main grid.
+    the same resolved value) is not trained twice: the figures take it from the main grid. For
+    a variant whose factor is chosen on the validation split, an lr sweep point whose factor
+    the selection may choose is kept with ``unless_selected`` (:func:`resolve` drops it once
+    the choice equals it).
     """
     train = cfg["train"]
     overrides = dict(train["overrides"])
+    sel = cfg["lr_selection"]
+    tuned = set(tuned_variants(cfg))
     runs: dict[tuple, Run] = {}
 
-    def base_lr(variant: str) -> float:
-        return _spec(variant, overrides).resolved_lr(train["lr"])
+    def own_factor(variant: str) -> float:
+        """train.lr (one conv-group lr for all) as a factor of the variant's own, else 1."""
+        if train["lr"] is None:
+            return 1.0
+        return round(train["lr"] / _spec(variant, overrides).lr, 12)
+
+    def chosen(dataset: str, arch: str, variant: str) -> bool:
+        """Is this run's base factor the one chosen on the validation split? (the selection runs
+        for the main grid's datasets and archs; a sweep elsewhere keeps the default)"""
+        return variant in tuned and dataset in cfg["datasets"] and arch in cfg["archs"]
 
     def base_noise(variant: str) -> float:
         """train.noise_delta changes the noisy variants only (a variant without noise keeps none)."""
         own = _spec(variant, overrides).noise_delta
         return train["noise_delta"] if train["noise_delta"] is not None and own > 0 else own
 
-    def base(variant: str, dataset: str) -> dict[str, Any]:
+    def base(dataset: str, arch: str, variant: str) -> dict[str, Any]:
         noisy = train["noise_delta"] is not None and _spec(variant, overrides).noise_delta > 0
-        return dict(lr=train["lr"], batch_size=per_dataset(train, "batch_size", dataset),
-                    noise_delta=train["noise_delta"] if noisy else None)
+        return dict(lr_factor=None if chosen(dataset, arch, variant) else own_factor(variant),
+                    batch_size=per_dataset(train, "batch_size", dataset), noise_delta=train["noise_delta"] if noisy else None)
 
     for dataset in cfg["datasets"]:
         for arch in cfg["archs"]:
             for variant in cfg["variants"]:
                 for seed in cfg["seeds"]:
-                    run = Run(dataset, arch, variant, "base", seed, **base(variant, dataset))
+                    run = Run(dataset, arch, variant, "base", seed, **base(dataset, arch, variant))
                     runs[run.key] = run
+
+    selection_tags = _tags("lr_selection.factors", SELECTION_TAG, sel["factors"])
+    for dataset in cfg["datasets"]:
+        for arch in cfg["archs"]:
+            for variant in (v for v in cfg["variants"] if v in tuned):
+                for tag, factor in selection_tags.items():
+                    for seed in sel["seeds"]:
+                        opts = {**base(dataset, arch, variant), "lr_factor": float(factor)}
+                        run = Run(dataset, arch, variant, tag, seed, eval_split="validation",
+                                  validation_size=sel["validation_size"], **opts)
+                        runs[run.key] = run
 
     def in_main(d: str, a: str, v: str, s: int) -> bool:
         return d in cfg["datasets"] and a in cfg["archs"] and v in cfg["variants"] and s in cfg["seeds"]
 
+    candidates = [float(f) for f in sel["factors"]]
     for name, sweep in cfg["sweeps"].items():
-        tags: dict[str, float] = {}
-        for value in sweep["values"]:
-            tag = SWEEP_TAGS[name] + fmt_value(int(value) if name == "batch_size" else value)
-            if tag in tags:
-                raise GridError(
-                    f"config sweeps.{name}.values: {tags[tag]!r} and {value!r} give the same run tag "
-                    f"{tag!r} (tags keep 6 significant digits); keep one of them"
-                )
-            tags[tag] = value
+        tags = _tags(f"sweeps.{name}.values", SWEEP_TAGS[name],
+                     [int(v) if name == "batch_size" else v for v in sweep["values"]])
         for dataset in _sweep_axis(cfg, sweep, "datasets"):
             for arch in _sweep_axis(cfg, sweep, "archs"):
                 for variant in sweep["variants"]:
                     for tag, value in tags.items():
                         for seed in _sweep_axis(cfg, sweep, "seeds"):
-                            opts = base(variant, dataset)
+                            opts = base(dataset, arch, variant)
+                            main = in_main(dataset, arch, variant, seed)
                             if name == "lr":
-                                same = value == base_lr(variant)
-                                opts["lr"] = float(value)
+                                value = float(value)
+                                if opts["lr_factor"] is None:  # the main grid's factor is chosen later
+                                    opts["unless_selected"] = main and any(math.isclose(value, c) for c in candidates)
+                                    same = False
+                                else:
+                                    same = math.isclose(value, opts["lr_factor"], rel_tol=1e-9, abs_tol=0.0)
+                                opts["lr_factor"] = value
                             elif name == "batch_size":
                                 value = int(value)
                                 same = value == opts["batch_size"]
                                 ratio = value / opts["batch_size"]
                                 opts["batch_size"] = value
-                                scale = {"none": None, "linear": ratio, "sqrt": math.sqrt(ratio)}[sweep["lr_scaling"]]
-                                if scale is not None:
-                                    opts["lr"] = round(base_lr(variant) * scale, 10)
+                                scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[sweep["lr_scaling"]]
+                                if opts["lr_factor"] is None:
+                                    opts["lr_scale"] = round(scale, 12)
+                                else:
+                                    opts["lr_factor"] = round(opts["lr_factor"] * scale, 12)
                             else:
                                 same = value == base_noise(variant)
                                 opts["noise_delta"] = float(value)
-                            if same and in_main(dataset, arch, variant, seed):
+                            if same and main:
                                 continue
                             run = Run(dataset, arch, variant, tag, seed, **opts)
                             runs.setdefault(run.key, run)
     return runs
+
+
+def _tags(key: str, prefix: str, values: Sequence) -> dict[str, Any]:
+    """Run tag -> value; two values with one tag (6 significant digits) are a config error."""
+    tags: dict[str, Any] = {}
+    for value in values:
+        tag = prefix + fmt_value(value)
+        if tag in tags:
+            raise GridError(f"config {key}: {tags[tag]!r} and {value!r} give the same run tag {tag!r} "
+                            "(tags keep 6 significant digits); keep one of them")
+        tags[tag] = value
+    return tags
 
 
 # ----------------------------------------------------- recorded options vs the config's
@@ -286,15 +425,19 @@ def expected_record(run: Run, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     Only what decides the result: not the device, threads or probe interval. ``precision`` and
     ``image_size`` are compared only when the config sets them (``auto``/null resolve inside
-    msr by device and dataset); ``train_subset`` always.
+    msr by device and dataset); ``train_subset``, the evaluation split and the variant's warm-up
+    always. ``lr`` is the conv group's (every group follows the same factor); for a run whose
+    factor is still to be chosen it reads ``"selected x <scale>"`` (:data:`SELECTED`) - such a
+    record is for hashing only: compare the record of :meth:`Run.resolve`'s run.
     """
     train = cfg["train"]
     overrides = dict(train["overrides"])
     spec = _spec(run.variant, {**overrides, **({} if run.noise_delta is None else {"noise_delta": run.noise_delta})})
+    lr: float | str = f"{SELECTED} x {run.lr_scale!r}" if run.lr_factor is None else spec.lr * run.lr_factor
     record: dict[str, Any] = {
         "dataset": run.dataset, "arch": run.arch, "variant": run.variant, "seed": run.seed,
         "epochs": per_dataset(train, "epochs", run.dataset), "batch_size": run.batch_size,
-        "lr": spec.resolved_lr(run.lr),
+        "lr": lr,
         "noise_delta": spec.noise_delta,
         "overrides": overrides,
     }
@@ -304,7 +447,22 @@ def expected_record(run: Run, cfg: Mapping[str, Any]) -> dict[str, Any]:
         record["precision"] = train["precision"]
     # msr records train_subset always (None: the whole set; older runs lack the key: the same)
     record["train_subset"] = train.get("train_subset")
+    record["eval_split"] = run.eval_split
+    record["validation_size"] = run.validation_size
+    record["variant_spec.warmup"] = spec.warmup
+    record["variant_spec.warmup_from"] = spec.warmup_from
     return record
+
+
+def _recorded(record: Mapping[str, Any], key: str) -> Any:
+    """``record[key]``, a dotted key reading into nested objects (``variant_spec.warmup``); a
+    key an older msr did not write means :data:`MISSING_MEANS`'s value."""
+    value: Any = record
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return MISSING_MEANS.get(key)
+        value = value[part]
+    return value
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -315,8 +473,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def differences(expected: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
     """``key: recorded -> expected`` for every expected option the record does not match."""
-    return [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in expected.items()
-            if not _same(recorded.get(key), value)]
+    return [f"{key}: {_recorded(recorded, key)!r} -> {value!r}" for key, value in expected.items()
+            if not _same(_recorded(recorded, key), value)]
 
 
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
@@ -342,6 +500,9 @@ def find_stale(runs_root: str | Path, expected: Mapping[str, Mapping[str, Any]])
     a summary without the options it was trained with cannot be trusted."""
     stale = {}
     for path, want in expected.items():
+        if any(isinstance(v, str) and v.startswith(SELECTED) for v in want.values()):
+            raise GridError(f"{path}: its expected options wait for the lr selection ({want.get('lr')!r}); "
+                            "compare the record of the resolved run (Run.resolve)")
         record = read_record(Path(runs_root) / path)
         diff = ["config.json is missing"] if record is None else differences(want, record)
         if diff:

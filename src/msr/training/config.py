@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+# what a run evaluates every epoch (its "test_*" columns): the test set, or a validation split
+# held out of the training data (msr.data.splits) for choosing an lr - never the test set
+EVAL_SPLITS = ("test", "validation")
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,10 @@ class RunConfig:
     variant: str = "msr"
     epochs: int | None = None  # None: the dataset's default (msr.catalog)
     seed: int = 0
-    lr: float | None = None  # base (conv-group) lr; other groups keep their ratio
+    lr: float | None = None  # base (conv-group) lr; other groups keep their ratio (= lr_factor lr/spec.lr)
+    # every param group at this factor of the variant's own lr (1 = its default); one sweep
+    # value then means the same for every variant. At most one of lr and lr_factor
+    lr_factor: float | None = None
     batch_size: int | None = None  # None: the dataset's default
     noise_delta: float | None = None  # shortcut for overrides["noise_delta"]
     overrides: dict[str, Any] = field(default_factory=dict)  # any VariantSpec field
@@ -50,6 +56,11 @@ class RunConfig:
     # limits: msr.catalog.DatasetFacts.check_train_subset); the same subset for every run and
     # seed (msr.data.stratified_subset); the test set stays whole
     train_subset: int | None = None
+    # "validation": hold out validation_size class-stratified training images (from outside
+    # train_subset when one is set), train on the rest and evaluate on them instead of the test
+    # set (msr.data.splits.validation_split); the test set is never touched
+    eval_split: str = "test"
+    validation_size: int | None = None
     momentum: float = 0.9
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where lr *= gamma
     gamma: float = 0.1
@@ -111,6 +122,9 @@ class RunConfig:
         need(is_int(self.epochs) and self.epochs >= 1, "epochs", "must be an integer >= 1")
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
         need(self.lr is None or (is_num(self.lr) and self.lr > 0), "lr", "must be a number > 0")
+        need(self.lr_factor is None or (is_num(self.lr_factor) and self.lr_factor > 0), "lr_factor", "must be a number > 0")
+        need(self.lr is None or self.lr_factor is None, "lr_factor",
+             f"give lr (the conv group's lr, {self.lr!r}) or lr_factor (every group's factor), not both")
         need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
         need(self.noise_delta is None or (is_num(self.noise_delta) and 0 <= self.noise_delta <= 1), "noise_delta", "must be in [0, 1]")
         need(isinstance(self.overrides, dict), "overrides", "must be a mapping of variant fields")
@@ -119,6 +133,12 @@ class RunConfig:
             facts.check_train_subset(self.train_subset)
         except ValueError as e:
             raise ConfigError(f"train_subset={self.train_subset!r}: {e}") from None
+        need(self.eval_split in EVAL_SPLITS, "eval_split", f"valid: {', '.join(EVAL_SPLITS)}")
+        if self.eval_split == "validation":
+            need(is_int(self.validation_size) and self.validation_size >= 1, "validation_size",
+                 "eval_split='validation' needs the number of training images to hold out (an integer >= 1)")
+        else:
+            need(self.validation_size is None, "validation_size", "only with eval_split='validation'")
         need(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(all(is_num(m) and 0 < m <= 1 for m in self.milestones), "milestones", "must be fractions of the run in (0, 1]")
         need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
@@ -141,6 +161,19 @@ class RunConfig:
             get_spec(self.variant, **self.variant_overrides())
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def resolved_lr_factor(self, spec_lr: float) -> float:
+        """The factor every param group's lr gets (``lr`` given: ``lr / spec_lr``, the old
+        conv-group spelling, which scaled every group alike too)."""
+        if self.lr_factor is not None:
+            return float(self.lr_factor)
+        if self.lr is not None:
+            return self.lr / spec_lr if spec_lr > 0 else 0.0
+        return 1.0
+
+    def resolved_lr(self, spec_lr: float) -> float:
+        """The conv group's lr, as config.json records it (``lr`` itself when given)."""
+        return float(self.lr) if self.lr is not None else spec_lr * self.resolved_lr_factor(spec_lr)
 
     def variant_overrides(self) -> dict[str, Any]:
         over = dict(self.overrides)

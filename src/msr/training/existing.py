@@ -10,11 +10,19 @@ from typing import Any
 from msr.core.variants import get_spec
 from msr.training.config import ConfigError, RunConfig
 from msr.training.distributed import Distributed, bn_batch, recorded_bn_batch
-from msr.training.rundir import CHECKPOINT, CONFIG, check_complete, damaged, read_json
+from msr.training.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    MISSING_MEANS,
+    check_complete,
+    damaged,
+    read_json,
+)
 
 # the config fields that define a run's results: a directory holds one value of each
+# (``lr`` is the conv group's; the factor follows from it and the variant)
 RESULT_KEYS = ("dataset", "arch", "variant", "epochs", "seed", "lr", "batch_size", "noise_delta", "image_size",
-               "train_subset", "overrides", "milestones", "gamma", "momentum")
+               "train_subset", "eval_split", "validation_size", "overrides", "milestones", "gamma", "momentum")
 
 
 def requested_record(cfg: RunConfig) -> dict[str, Any]:
@@ -22,7 +30,7 @@ def requested_record(cfg: RunConfig) -> dict[str, Any]:
     image size left to the dataset's default is not compared)."""
     spec = get_spec(cfg.variant, **cfg.variant_overrides())
     rec = {k: getattr(cfg, k) for k in RESULT_KEYS}
-    rec.update(lr=spec.resolved_lr(cfg.lr), noise_delta=spec.noise_delta,
+    rec.update(lr=cfg.resolved_lr(spec.lr), noise_delta=spec.noise_delta,
                milestones=list(cfg.milestones))
     if cfg.image_size is None:
         del rec["image_size"]
@@ -31,7 +39,7 @@ def requested_record(cfg: RunConfig) -> dict[str, Any]:
 
 def refuse_other_config(out: Path, old: dict[str, Any], record: dict[str, Any]) -> None:
     """A run directory belongs to one config: refuse to mix (or report) results of two."""
-    diff = [k for k in RESULT_KEYS if k in record and old.get(k) != record[k]]
+    diff = [k for k in RESULT_KEYS if k in record and old.get(k, MISSING_MEANS.get(k)) != record[k]]
     if diff:
         raise ConfigError(f"{out} already holds a run with a different config (differs in: {', '.join(diff)}); use another --out or delete it")
 

@@ -146,7 +146,9 @@ def _loop(run: Run, *, log, progress: bool | None, stop_after_epoch: int | None,
     cfg_str = f"{cfg.dataset}/{cfg.arch}/{cfg.variant} seed {cfg.seed} on {run.device} ({run.threads} threads, {run.precision})"
     if dist is not None:
         cfg_str += f", {dist.world_size} data-parallel processes"
-    log(f"training {cfg_str}: {cfg.epochs} epochs x {len(run.train_loader)} steps, lr {run.base_lr}")
+    warm = f", warm-up {run.warmup.steps} steps" if run.warmup.steps else ""
+    log(f"training {cfg_str}: {cfg.epochs} epochs x {len(run.train_loader)} steps, lr {run.base_lr:.6g} "
+        f"(x{run.lr_factor:.6g} of the variant's){warm}; evaluated on the {cfg.eval_split} split")
     show_bar = sys.stderr.isatty() if progress is None else progress
     opt = run.optimizer
     step = run.make_step()  # forward, loss, backward, the variant's hook, update (msr.training.step)
@@ -232,7 +234,8 @@ def _loop(run: Run, *, log, progress: bool | None, stop_after_epoch: int | None,
             line = (
                 f"epoch {epoch:>3}/{cfg.epochs} step {run.step:>6} lr {m['lr']:.4g} "
                 f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f} clean acc {clean_acc:.4f} | "
-                f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f}s {m['images_per_s']:.0f} img/s"
+                f"{'val' if cfg.eval_split == 'validation' else 'test'} loss {test_loss:.4f} acc {test_acc:.4f} | "
+                f"{seconds:.1f}s {m['images_per_s']:.0f} img/s"
             )
             (tqdm.write if show_bar else log)(line)
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.epochs:
@@ -245,7 +248,8 @@ def _loop(run: Run, *, log, progress: bool | None, stop_after_epoch: int | None,
         summary = run.summary(status, diverged_at)
         atomic.write_json(out / SUMMARY, summary)
         log(
-            f"{out}: {status}; final test acc {summary['final_test_acc']:.4f} after {run.epoch} epochs"
+            f"{out}: {status}; final {'validation' if cfg.eval_split == 'validation' else 'test'} acc "
+            f"{summary['final_test_acc']:.4f} after {run.epoch} epochs"
             + (f" (diverged at step {diverged_at})" if diverged_at else "")
         )
     if dist is not None:

@@ -22,7 +22,7 @@ from msr import data as msr_data
 from msr.core.models import parse_arch
 from msr.core.variants import Variant, build
 from msr.machine import machine_record
-from msr.training.config import RunConfig
+from msr.training.config import ConfigError, RunConfig
 from msr.training.distributed import Distributed, prepare_model, wrap
 from msr.training.probes import Prober, grad_norm
 from msr.training.rundir import (
@@ -37,6 +37,7 @@ from msr.training.rundir import (
     read_probes,
     span,
 )
+from msr.training.schedule import LinearWarmup
 from msr.training.step import GraphedStep, OneModel, TrainStep
 
 # Clean train accuracy (clean_train_loss/_acc in metrics.csv) is measured at every epoch end on
@@ -86,12 +87,22 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
 # --------------------------------------------------------------------------- the run
 
 def load_run_dataset(cfg: RunConfig) -> msr_data.Dataset:
-    """The dataset a run of ``cfg`` trains on: loaded, and cut to its ``train_subset`` (its
-    limits: RunConfig.validate, msr.catalog). Runs that share one (stacked seeds) load it once."""
+    """The dataset a run of ``cfg`` trains and evaluates on: loaded, cut to its ``train_subset``
+    (its limits: RunConfig.validate, msr.catalog), and for a selection run
+    (``eval_split="validation"``) with the held-out validation images in place of the test set,
+    which such a run never sees (config.json and runs.csv say eval_split=validation). Runs that
+    share one (stacked seeds) load it once."""
     ds = msr_data.load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    # normalization keeps the full training set's statistics: a subset or a held-out
+    # validation split changes what the model sees, not how its input is scaled
+    if cfg.eval_split == "validation":
+        try:
+            keep, held_out = msr_data.validation_split(ds.train_y, cfg.validation_size, train_subset=cfg.train_subset)
+        except ValueError as err:
+            raise ConfigError(f"{cfg.dataset}: {err}") from None
+        return dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep],
+                                   test_x=ds.train_x[held_out], test_y=ds.train_y[held_out])
     if cfg.train_subset is not None:
-        # normalization keeps the full training set's statistics: the subset changes how
-        # much the model sees, not how its input is scaled
         keep = msr_data.stratified_subset(ds.train_y, cfg.train_subset)
         ds = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
     return ds
@@ -135,10 +146,13 @@ class Run:
         # fp16 needs loss scaling; the projection then runs on unscaled gradients (docs/method.md)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
-        lr = self.variant.spec.resolved_lr(cfg.lr)
-        self.base_lr = lr
+        spec = self.variant.spec
+        # every param group at lr_factor x the variant's own lr; base_lr is the conv group's
+        self.lr_factor = cfg.resolved_lr_factor(spec.lr)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(self.variant.param_groups(lr), momentum=cfg.momentum, fused=fused or None)
+        groups = self.variant.param_groups(factor=self.lr_factor)
+        self.base_lr = cfg.resolved_lr(spec.lr)
+        self.optimizer = torch.optim.SGD(groups, momentum=cfg.momentum, fused=fused or None)
         milestones = sorted({max(1, round(m * cfg.epochs)) for m in cfg.milestones})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=cfg.gamma)
 
@@ -148,6 +162,13 @@ class Run:
             crop_padding=ds.crop_padding, flip=ds.flip, **common,
             **({} if dist is None else {"shard": (dist.rank, dist.world_size)}),
         )
+        # the variant's warm-up (msr.training.schedule), per optimizer step through its hooks
+        self.warmup = LinearWarmup.for_run(self.optimizer, fraction=spec.warmup, from_lr=spec.warmup_from,
+                                           lr=self.base_lr, total_steps=cfg.epochs * len(self.train_loader))
+        if cfg.cuda_graph and self.warmup.steps:  # its hooks are Python: a graph replay skips them
+            raise ConfigError(f"cuda_graph: {cfg.variant}'s warm-up ({self.warmup.steps} steps) sets the lr in "
+                              "optimizer hooks a CUDA graph does not replay; train it without --cuda-graph")
+        # the evaluation split: the test set, or a selection run's validation images
         self.test_loader = msr_data.DeviceLoader(ds.test_x, ds.test_y, batch_size=cfg.eval_batch_size, train=False, **common)
         n_clean = min(len(ds.train_x), CLEAN_TRAIN_IMAGES)
         self.clean_train_loader = msr_data.DeviceLoader(
@@ -174,6 +195,9 @@ class Run:
         rec = dataclasses.asdict(self.cfg)
         rec.update(
             lr=self.base_lr,
+            lr_factor=self.lr_factor,
+            warmup_steps=self.warmup.steps,
+            eval_images=self.test_loader.num_samples,
             noise_delta=self.variant.spec.noise_delta,
             image_size=self.dataset.image_size,
             threads=self.threads,
@@ -275,6 +299,7 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
             self.restore_rng(ckpt["rng"])
             self.epoch, self.step, self.images_seen = ckpt["epoch"], ckpt["step"], ckpt["images_seen"]
+            self.warmup.done = self.step  # every completed step was one optimizer step
             self.train_seconds, self.wall_seconds = ckpt["train_seconds"], ckpt["wall_seconds"]
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise damaged(path, f"does not fit this run's model and optimizer ({type(err).__name__})") from None

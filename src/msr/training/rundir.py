@@ -36,6 +36,10 @@ METRIC_TYPES = [int, int] + [float] * (len(METRIC_COLUMNS) - 2)
 PROBE_COLUMNS = ["step", "layer", "metric", "value"]
 PROBE_TYPES = [int, str, str, float]
 STATUSES = ("completed", "diverged")
+# what a config.json written before a key existed means by its absence (dotted keys read into
+# nested objects), so runs of an older msr stay valid where nothing changed for them
+MISSING_MEANS = {"eval_split": "test", "validation_size": None,
+                 "variant_spec.warmup": 0.0, "variant_spec.warmup_from": 0.0}
 
 
 class RunDirError(Exception):

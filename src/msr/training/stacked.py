@@ -79,7 +79,7 @@ class _FedNoise(nn.Module):
         if owner._recording is not None:  # noise of shape (N, C, 1, ...), as BlockInputNoise draws it
             owner._recording.append((original, (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2), x.dtype))
             return x
-        return x * next(owner._feed)
+        return (x * next(owner._feed)).to(x.dtype)  # fp32 product, one rounding: as BlockInputNoise
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, *, param: bool) -> None:
@@ -233,7 +233,9 @@ class StackedSeeds:
         return self._noise_shapes[key]
 
     def _draw(self, site: BlockInputNoise, shape: tuple, dtype: torch.dtype, gen: torch.Generator | None) -> torch.Tensor:
-        # BlockInputNoise.forward's two distributions, with an explicit generator
+        # BlockInputNoise.multiplier's two distributions, with an explicit generator, drawn in fp32
+        # whatever the activations' dtype, as it draws them
+        dtype = torch.float32
         if site.dist == "uniform":
             return torch.empty(shape, device=self.device, dtype=dtype).uniform_(1 - site.delta, 1 + site.delta, generator=gen)
         return torch.randn(shape, device=self.device, dtype=dtype, generator=gen).mul_(site.delta).add_(1).clamp_(0, 2)
