@@ -1,5 +1,5 @@
-"""``msr aggregate``, ``msr manifest``, ``msr verify`` and ``msr reproduce``: from run directories to a
-citable set, and the checks a reader runs before citing it."""
+"""``msr aggregate``, ``msr manifest``, ``msr verify``, ``msr reproduce`` and ``msr targets``: from run
+directories to a citable set, and the checks a reader runs before citing it."""
 
 from __future__ import annotations
 
@@ -91,6 +91,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="progress bar on a terminal, epoch lines otherwise")
     p.set_defaults(func=cmd_reproduce)
 
+    p = sub.add_parser(
+        "targets", help="check a study's power and regime targets from its runs.csv",
+        description="A study's design targets, after its runs (msr.analysis.power): the paired minimum "
+                    "detectable difference at 80%% power (two-sided alpha 0.05) of each comparison, from the "
+                    "observed sd of its per-seed differences, and the final clean-train minus test gap of "
+                    "each variant. Main-grid runs that trained only. Exit 0 whether or not a target is met.")
+    p.add_argument("runs_table", type=Path, help="results/<set>/tables/runs.csv")
+    p.add_argument("--pair", dest="pairs", action="append", default=[], metavar="A:B",
+                   help="a comparison A - B (repeatable), e.g. msr_noise:msr")
+    p.add_argument("--gap", dest="gap_variants", action="append", default=[], metavar="VARIANT",
+                   help="a variant whose clean-train minus test gap to check (repeatable)")
+    p.add_argument("--mdd-max", type=float, default=0.75, help="the MDD target in pp (default: 0.75)")
+    p.add_argument("--gap-min", type=float, default=4.0, help="the gap target in pp (default: 4)")
+    p.set_defaults(func=cmd_targets)
+
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from msr.analysis import aggregate
@@ -169,3 +184,36 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(reproduce.overall(verdicts))
     print(f"(retrained runs and {reproduce.REPORT} in {out})")
     return 0 if all(v.passed for v in verdicts) else 1
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from msr.analysis import power
+
+    pairs = []
+    for text in args.pairs:
+        a, sep, b = text.partition(":")
+        if not sep or not a or not b:
+            return fail("msr targets", f"--pair {text!r}: give two variants as A:B, e.g. msr_noise:msr")
+        pairs.append((a, b))
+    if not pairs and not args.gap_variants:
+        return fail("msr targets", "nothing to check: give --pair A:B and/or --gap VARIANT")
+    try:
+        runs = pd.read_csv(args.runs_table)
+    except (OSError, ValueError) as err:
+        return fail("msr targets", f"{args.runs_table}: {err}")
+    needed = {"variant", "sweep", "seed", "dataset", "status", "final_test_acc", "final_clean_train_acc"}
+    if missing := needed - set(runs.columns):
+        return fail("msr targets", f"{args.runs_table}: no column {', '.join(sorted(missing))} (not a runs.csv?)")
+    if unknown := sorted(({v for p in pairs for v in p} | set(args.gap_variants)) - set(runs["variant"])):
+        return fail("msr targets", f"{args.runs_table}: no runs of {', '.join(unknown)}")
+    if pairs:
+        table = power.power_rows(runs, pairs, mdd_max=args.mdd_max)
+        print(f"paired minimum detectable difference at {power.POWER:.0%} power (two-sided alpha {power.ALPHA:g}):")
+        print(table.to_markdown(index=False, floatfmt=".2f"))
+    if args.gap_variants:
+        table = power.gap_rows(runs, args.gap_variants, gap_min=args.gap_min)
+        print("final clean-train minus test accuracy (mean over trained seeds):")
+        print(table.to_markdown(index=False, floatfmt=".2f"))
+    return 0
