@@ -79,8 +79,10 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def git_state(cwd: str | Path = ".") -> dict:
-    """``{"commit": sha or None, "dirty": bool or None}``; None outside a git checkout."""
+def git_state(cwd: str | Path = ".", *, own: str | None = None) -> dict:
+    """``{"commit": sha or None, "dirty": bool or None}``; None outside a git checkout. ``own``:
+    the set's own folder (``figures/<set>``), whose files this very pipeline run rewrites - a
+    regenerated committed set is not a dirty tree; any other tracked change is."""
 
     def git(*args: str) -> str | None:
         try:
@@ -92,7 +94,8 @@ def git_state(cwd: str | Path = ".") -> dict:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 *([f":(exclude){own}"] if own else []))
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
@@ -230,13 +233,14 @@ def build_manifest(provenance: Sequence[str | Path], runs_root: str | Path | Non
         runs[rid] = record
     for i, entry in enumerate(machines):
         entry["n_runs"] = sum(1 for r in runs.values() if r["machine"] == i)
-    git = git_state(cwd)
+    set_dir = _relative(out, cwd).parent.as_posix() if out is not None else None
+    git = git_state(cwd, own=set_dir)
     manifest = {
         "description": "Figures and tables of the msr pipeline: files with sha256, the runs each "
                        "was made from, and the code/config that made them. Check with "
                        "`msr verify <this folder>`.",
         "manifest_version": MANIFEST_VERSION,
-        "set_dir": _relative(out, cwd).parent.as_posix() if out is not None else None,
+        "set_dir": set_dir,
         "name": (config or {}).get("name"),
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
