@@ -15,6 +15,7 @@ no apt); MSR_TEST_SLURM=required (CI) turns such a skip into a failure. Without 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -34,8 +35,18 @@ SCRIPT = REPO / "tools" / "slurm_local.sh"
 PROFILE = ["--workflow-profile", "workflow/profiles/slurm"]
 SMOKE = ["--configfile", "workflow/config/smoke.yaml"]
 # the smoke set's four runs (workflow/config/smoke.yaml: bn and msr, plus one lr and one batch-size point)
-SMOKE_RUNS = ["digits/resnet8/bn/base/seed0", "digits/resnet8/msr/base/seed0",
-              "digits/resnet8/msr/lr0.8/seed0", "digits/resnet8/msr/bs32/seed0"]
+# the smoke set's runs: msr's two validation runs (lr selection), the main grid, the batch-size
+# point, and the lr point x2 unless x2 is the factor chosen for msr (then it is msr's main run)
+SMOKE_RUNS = ["digits/resnet8/msr/val-lrx0.5/seed0", "digits/resnet8/msr/val-lrx2/seed0",
+              "digits/resnet8/bn/base/seed0", "digits/resnet8/msr/base/seed0", "digits/resnet8/msr/bs32/seed0"]
+LR_POINT = "digits/resnet8/msr/lrx2/seed0"
+
+
+def smoke_runs(wd: Path) -> list[str]:
+    """SMOKE_RUNS plus the lr point unless the lr selection chose its factor for msr."""
+    record = json.loads((wd / "results/smoke/lr_selection.json").read_text())
+    [msr] = [s for s in record["selected"] if s["variant"] == "msr"]
+    return SMOKE_RUNS + ([LR_POINT] if msr["lr_factor"] != 2 else [])
 SLURM_SETTINGS = ["MSR_SLURM_PARTITION", "MSR_SLURM_GPU_PARTITION", "MSR_SLURM_ACCOUNT", "MSR_SLURM_GPU_GRES"]
 
 
@@ -267,11 +278,15 @@ def test_smoke_set_runs_every_job_as_a_slurm_job(smoke, cluster):
     out = smoke.done.stdout + smoke.done.stderr
     assert smoke.done.returncode == 0, out[-5000:]
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", out, flags=re.M)
-    # every job but the two local rules (check_runs, all) went to Slurm
+    # every job but the two local rules (check_runs, all) went to Slurm. The first job stats are
+    # the DAG before the lr selection's checkpoint: the lr point that the choice may make msr's
+    # main run is added after it (or never)
+    runs = smoke_runs(smoke.wd)
     stats = out[out.index("Job stats:"):]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats[:stats.index("\ntotal")], flags=re.M))
-    assert len(submitted) == sum(int(n) for rule, n in counts.items() if rule not in ("check_runs", "all"))
     assert int(counts["train"]) == len(SMOKE_RUNS)
+    assert len(submitted) == sum(int(n) for rule, n in counts.items() if rule not in ("check_runs", "all")) \
+        + len(runs) - len(SMOKE_RUNS)
 
     # each train job: a Slurm job on the cluster's node that ended with exit 0, whose own output
     # file (written by slurmstepd) shows Snakemake running and finishing that run inside it
@@ -285,9 +300,9 @@ def test_smoke_set_runs_every_job_as_a_slurm_job(smoke, cluster):
             [output] = set(re.findall(r"output: results/smoke/runs/(\S+)/summary.json", text))
             assert "localrule train:" in text and "Finished jobid: 0 (Rule: train)" in text, text[-3000:]
             trained[output] = job
-    assert sorted(trained) == sorted(SMOKE_RUNS)
-    assert len(set(trained.values())) == len(SMOKE_RUNS)  # one Slurm job per run
-    for run in SMOKE_RUNS:
+    assert sorted(trained) == sorted(runs)
+    assert len(set(trained.values())) == len(runs)  # one Slurm job per run
+    for run in runs:
         assert (smoke.wd / "results/smoke/runs" / run / "summary.json").exists()
 
 
