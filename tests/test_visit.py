@@ -98,6 +98,44 @@ def test_plan_orders_priority_variants_seed_by_seed():
     assert all(t == "lr0.1" for _, _, t in got[8:])
 
 
+WAITING_DRY_RUN = """
+rule train:
+    output: results/t/runs/digits/resnet8/bn/val-lrx0.5/seed0/summary.json
+    log: results/t/logs/train/digits/resnet8/bn/val-lrx0.5/seed0.log
+    wildcards: dataset=digits, arch=resnet8, variant=bn, tag=val-lrx0.5, seed=0
+Shell command: msr train --variant bn --lr-factor 0.5 --eval-split validation --out results/t/runs/digits/resnet8/bn/val-lrx0.5/seed0 >> l 2>&1
+
+rule train:
+    output: results/t/runs/digits/resnet8/bn/base/seed0/summary.json
+    log: results/t/logs/train/digits/resnet8/bn/base/seed0.log
+    wildcards: dataset=digits, arch=resnet8, variant=bn, tag=base, seed=0
+Shell command: msr train <TBD> --threads 1 --out results/t/runs/digits/resnet8/bn/base/seed0 >> l 2>&1
+
+rule train:
+    output: results/t/runs/digits/resnet8/zmi/base/seed0/summary.json
+    log: results/t/logs/train/digits/resnet8/zmi/base/seed0.log
+    wildcards: dataset=digits, arch=resnet8, variant=zmi, tag=base, seed=0
+Shell command: msr train --variant zmi --threads 1 --out results/t/runs/digits/resnet8/zmi/base/seed0 >> l 2>&1
+"""
+
+
+def test_runs_waiting_for_the_lr_selection_are_left_out_and_validation_runs_come_first(tmp_path):
+    # a tuned variant's main run waits for the checkpoint select_lr (<TBD> in a dry run): it
+    # cannot run on the device yet; the validation runs that decide it go first
+    made = plan.make_plan(WAITING_DRY_RUN)
+    assert [r["out"].split("/")[-2] for r in made["runs"]] == ["val-lrx0.5", "base"]
+    assert [r["wildcards"]["variant"] for r in made["runs"]] == ["bn", "zmi"]
+    assert made["waiting"] == ["results/t/runs/digits/resnet8/bn/base/seed0"]
+    path = tmp_path / "plan.json"
+    plan.write_plan(made, path)
+    assert len(plan.read_plan(path)[1]) == 2
+    # a plan file that still has a waiting run (made by hand, or by an older msr) is refused
+    made["runs"].append({"out": "o", "log": "", "args": ["<TBD>", "--out", "o"], "wildcards": {}})
+    plan.write_plan(made, path)
+    with pytest.raises(plan.PlanError, match="waits for the lr selection"):
+        plan.read_plan(path)
+
+
 def test_a_dry_run_without_commands_or_with_a_foreign_out_is_refused():
     with pytest.raises(plan.PlanError, match="printshellcmds"):
         plan.parse_dry_run("rule train:\n    output: a/summary.json\n")

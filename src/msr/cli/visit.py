@@ -105,6 +105,10 @@ def cmd_plan_runs(args: argparse.Namespace) -> int:
     except (plan.PlanError, OSError) as err:
         return fail("msr plan-runs", str(err))
     print(f"{args.out}: {len(made['runs'])} run(s) to train, {len(made['prepare'])} data step(s)")
+    if made["waiting"]:
+        print(f"  {len(made['waiting'])} more run(s) wait for the lr selection (their lr factor is the checkpoint "
+              "select_lr's choice): import the validation runs, let Snakemake run select_lr here "
+              "(snakemake ... --until select_lr), then plan again")
     return 0
 
 

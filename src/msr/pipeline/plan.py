@@ -3,16 +3,25 @@
 Nothing here re-implements the grid: :func:`plan_from_snakemake` asks Snakemake itself for its
 dry run with the shell commands (``snakemake --dry-run --printshellcmds <args>``) and keeps,
 for every ``train`` job it would run, the exact ``msr train`` options, the run directory and
-the log Snakemake gives it. ``prepare`` jobs become the data steps to run first. The jobs are
-put in priority order - the runs of the main grid (tag ``base``) of the priority variants
-seed by seed (``bn, msr, msr_noise, bn_noise`` of seed 0, then of seed 1, ...: every seed
-done gives a paired comparison), then the other base runs seed by seed, then the sweeps - so a
-visit that runs out of time has the most useful runs.
+the log Snakemake gives it. ``prepare`` jobs become the data steps to run first.
+
+A run whose options wait for the lr selection (a tuned variant's main grid and sweeps: the
+Snakemake checkpoint ``select_lr`` decides their lr factor, so a dry run before it prints
+``<TBD>``) cannot run yet: it is left out of ``runs`` and listed under ``waiting``. Once the
+validation runs are back (``msr import``) and ``select_lr`` has run here, a new plan has them.
+
+The jobs are put in priority order, so a visit that runs out of time has the most useful runs:
+the lr selection's validation runs first (tag ``val-...``: every tuned run waits for them),
+those of the priority variants first; then the runs of the main grid (tag ``base``) of the
+priority variants seed by seed (``bn, msr, msr_noise, bn_noise`` of seed 0, then of seed 1,
+...: every seed done gives a paired comparison), then the other base runs seed by seed, then
+the sweeps.
 
 The plan is JSON (``PLAN_VERSION``)::
 
     {"version": 1, "snakemake": [...args...], "prepare": [[...msr prepare options...]],
-     "runs": [{"out": ..., "log": ..., "wildcards": {...}, "args": [...msr train options...]}]}
+     "runs": [{"out": ..., "log": ..., "wildcards": {...}, "args": [...msr train options...]}],
+     "waiting": [...run directories that wait for the lr selection...]}
 
 Torch-free and Snakemake-free to read (:func:`read_plan`): the device runs it with
 msr.infra.visit.
@@ -38,6 +47,9 @@ PRIORITY = ("bn", "msr", "msr_noise", "bn_noise")
 _END = {">", ">>", "2>", "2>>", "&>", "2>&1", "&&", "||", ";", "|"}
 _RULE = re.compile(r"^(?:local)?rule (\S+):\s*$")
 _FIELD = re.compile(r"^\s+(\w+): (.*)$")
+# what Snakemake prints for a value that waits for a checkpoint (the lr selection)
+PENDING = "<TBD>"
+VALIDATION_TAG = "val-"
 
 
 class PlanError(ValueError):
@@ -91,7 +103,9 @@ def _option(args: Sequence[str], name: str) -> str | None:
 
 
 def parse_dry_run(text: str) -> tuple[list[list[str]], list[PlannedRun]]:
-    """(prepare options, train runs) of a ``snakemake --dry-run --printshellcmds`` output."""
+    """(prepare options, train runs) of a ``snakemake --dry-run --printshellcmds`` output; runs
+    whose options wait for a checkpoint (``<TBD>``) included - :func:`split_waiting` sets them
+    apart."""
     jobs: list[dict[str, Any]] = []
     job: dict[str, Any] | None = None
     for line in text.splitlines():
@@ -132,15 +146,24 @@ def parse_dry_run(text: str) -> tuple[list[list[str]], list[PlannedRun]]:
     return prepare, runs
 
 
+def split_waiting(runs: Sequence[PlannedRun]) -> tuple[list[PlannedRun], list[PlannedRun]]:
+    """(runs that can train now, runs whose options wait for a checkpoint: ``<TBD>``)."""
+    ready = [r for r in runs if not any(PENDING in a for a in r.args)]
+    return ready, [r for r in runs if r not in ready]
+
+
 def order(runs: Sequence[PlannedRun], priority: Sequence[str] = PRIORITY) -> list[PlannedRun]:
-    """Priority variants' base runs seed by seed, then the other base runs seed by seed, then
-    the sweeps (each in Snakemake's order otherwise)."""
+    """Validation runs (priority variants first), then the priority variants' base runs seed by
+    seed, then the other base runs seed by seed, then the sweeps (each in Snakemake's order
+    otherwise)."""
     rank = {v: i for i, v in enumerate(priority)}
 
     def key(item: tuple[int, PlannedRun]):
         i, run = item
+        if run.tag.startswith(VALIDATION_TAG):
+            return (0, rank.get(run.variant, len(rank)), 0, 0, i)
         base = run.tag == "base"
-        return (not base, run.variant not in rank or not base, run.seed if base else 0,
+        return (1, not base, run.variant not in rank or not base, run.seed if base else 0,
                 rank.get(run.variant, len(rank)), i)
 
     return [run for _, run in sorted(enumerate(runs), key=key)]
@@ -159,8 +182,10 @@ def plan_from_snakemake(snakemake_args: Sequence[str], *, priority: Sequence[str
 
 def make_plan(dry_run: str, snakemake_args: Sequence[str] = (), *, priority: Sequence[str] = PRIORITY) -> dict[str, Any]:
     prepare, runs = parse_dry_run(dry_run)
+    ready, waiting = split_waiting(runs)
     return {"version": PLAN_VERSION, "snakemake": list(snakemake_args), "priority": list(priority),
-            "prepare": prepare, "runs": [asdict(r) for r in order(runs, priority)]}
+            "prepare": prepare, "runs": [asdict(r) for r in order(ready, priority)],
+            "waiting": [r.out for r in waiting]}
 
 
 def write_plan(plan: dict[str, Any], path: str | Path) -> None:
@@ -185,4 +210,7 @@ def read_plan(path: str | Path) -> tuple[list[list[str]], list[PlannedRun]]:
     for r in runs:
         if not isinstance(r.args, list) or not all(isinstance(a, str) for a in r.args) or _option(r.args, "--out") != r.out:
             raise PlanError(f"{path}: run {r.out!r}: its options do not write to its directory")
+        if any(PENDING in a for a in r.args):
+            raise PlanError(f"{path}: run {r.out!r} waits for the lr selection ({PENDING} in its options): "
+                            "make the plan again after select_lr")
     return prepare, runs
