@@ -95,6 +95,7 @@ def test_train_dry_run_trains_a_plan_and_packs_it(tmp_path):
         "name: tiny\ndatasets: [digits]\narchs: [resnet8]\nvariants: [msr, bn]\nseeds: [0, 1]\n"
         "train: {epochs: 2, batch_size: 64, image_size: 8, train_subset: 256, probe_every: 5, device: cpu}\n"
         "sweeps: {lr: {variants: [], values: []}, batch_size: {variants: [], values: []}, noise_delta: {variants: [], values: []}}\n"
+            "lr_selection: {variants: []}\n"
         "resources: {threads: 1}\n")
     repo = tmp_path / "repo"  # the tree that travels: its results/ are the visit's
     (repo / "tools").mkdir(parents=True)

@@ -258,7 +258,8 @@ def test_f2_the_pipelines_gpu_wait_reaches_its_train_jobs(tmp_path):
     work = _copy_workflow(tmp_path / "wf")
     overlay = tmp_path / "wait.yaml"
     overlay.write_text(yaml.safe_dump({"name": "wait", "train": {"device": "auto"},
-                                       "resources": {"runs_per_gpu": 1, "gpu_wait_s": 1}}))
+                                       "resources": {"runs_per_gpu": 1, "gpu_wait_s": 1},
+                                       "lr_selection": {"variants": []}}))  # msr's run needs no selection first
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "MSR_GPU_WAIT_S")}
     env.update(MSR_GPU_IDS="0", MSR_GPU_LOCK_DIR=str(folder))
     run = "results/wait/runs/digits/resnet8/msr/base/seed0"

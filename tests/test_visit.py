@@ -337,6 +337,7 @@ def _config(cwd: Path, name: str, epochs: int) -> Path:
         "train": {"epochs": epochs, "batch_size": 64, "image_size": 8, "train_subset": 256, "probe_every": 5,
                   "device": "cpu"},
         "sweeps": {k: {"variants": [], "values": []} for k in ("lr", "batch_size", "noise_delta")},
+        "lr_selection": {"variants": []},  # every run plannable at once (a selection: test_runs_waiting_...)
         "resources": {"threads": 1},
     }))
     return path
