@@ -40,6 +40,7 @@ SMOKE = ["--configfile", "workflow/config/smoke.yaml"]
 SMOKE_RUNS = ["digits/resnet8/msr/val-lrx0.5/seed0", "digits/resnet8/msr/val-lrx2/seed0",
               "digits/resnet8/bn/base/seed0", "digits/resnet8/msr/base/seed0", "digits/resnet8/msr/bs32/seed0"]
 LR_POINT = "digits/resnet8/msr/lrx2/seed0"
+LOCAL_RULES = ("check_runs", "all", "select_lr")  # localrule: True in the workflow
 
 
 def smoke_runs(wd: Path) -> list[str]:
@@ -278,14 +279,14 @@ def test_smoke_set_runs_every_job_as_a_slurm_job(smoke, cluster):
     out = smoke.done.stdout + smoke.done.stderr
     assert smoke.done.returncode == 0, out[-5000:]
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", out, flags=re.M)
-    # every job but the two local rules (check_runs, all) went to Slurm. The first job stats are
-    # the DAG before the lr selection's checkpoint: the lr point that the choice may make msr's
-    # main run is added after it (or never)
+    # every job but the local rules (LOCAL_RULES) went to Slurm. The first job stats are the DAG
+    # before the lr selection's checkpoint: the lr point that the choice may make msr's main run
+    # is added after it (or never)
     runs = smoke_runs(smoke.wd)
     stats = out[out.index("Job stats:"):]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats[:stats.index("\ntotal")], flags=re.M))
     assert int(counts["train"]) == len(SMOKE_RUNS)
-    assert len(submitted) == sum(int(n) for rule, n in counts.items() if rule not in ("check_runs", "all")) \
+    assert len(submitted) == sum(int(n) for rule, n in counts.items() if rule not in LOCAL_RULES) \
         + len(runs) - len(SMOKE_RUNS)
 
     # each train job: a Slurm job on the cluster's node that ended with exit 0, whose own output
