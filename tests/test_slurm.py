@@ -112,6 +112,14 @@ class Cluster:
     def log(self) -> str:
         return self.ctld_log.read_text()
 
+    def started_on_node(self, job: str, log: str) -> bool:
+        """slurmctld starts a job from one of two schedulers, and each logs it its own way: the main
+        one as `sched: Allocate JobId=5 NodeList=vm`, the backfill one (every 30 s, for jobs the
+        main pass left pending) as `sched/backfill: _start_job: Started JobId=5 in debug on vm`."""
+        return bool(re.search(rf"sched: Allocate JobId={job} NodeList={self.node} ", log)
+                    or re.search(rf"sched/backfill: _start_job: Started JobId={job} in {self.partition} on "
+                                 rf"{self.node}$", log, flags=re.M))
+
 
 class _Stop(Exception):
     pass
@@ -294,7 +302,7 @@ def test_smoke_set_runs_every_job_as_a_slurm_job(smoke, cluster):
     log = cluster.log()
     trained = {}
     for job, logfile in submitted:
-        assert re.search(rf"sched: Allocate JobId={job} NodeList={cluster.node} ", log), job
+        assert cluster.started_on_node(job, log), job
         assert re.search(rf"_job_complete: JobId={job} WEXITSTATUS 0$", log, flags=re.M), job
         if "/rule_train/" in logfile:
             text = Path(logfile).read_text()
