@@ -81,7 +81,8 @@ STRIP = 0.09  # bottom fraction of each axis reserved for diverged seeds (no acc
 
 pairs = figures.panels(base)
 nrows = max(1, len(pairs))
-width = max(6.0, 0.48 * len(variants) + 1.5)
+# at least 8 inches: the title and two legend columns fit (at 6, a 4-variant set cut both)
+width = max(8.0, 0.48 * len(variants) + 1.5)
 fig, axes = plt.subplots(nrows, 1, figsize=(width, 3.6 * nrows), squeeze=False, layout="constrained")
 axes = axes[:, 0]
 if not pairs:
@@ -174,7 +175,7 @@ legend["mean"] = Line2D([], [], color="0.15", lw=1.6, label="mean of the trained
 if pairs:
     order = [k for k in ("seed", "mean", "band", "bn", "threshold", "at_chance", "diverged") if k in legend]
     fig.legend(handles=[legend[k] for k in order], loc="outside lower center",
-               ncol=max(1, min(3, len(order), int(width // 3))), frameon=False)
+               ncol=max(1, min(3, len(order), 2 if width < 9 else 3)), frameon=False)
 figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)
 figures.write_provenance(snakemake.output.provenance, "fig7_peers", base["run_id"],
                         [snakemake.output.png, snakemake.output.pdf], [snakemake.input.runs])
