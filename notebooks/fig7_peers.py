@@ -81,7 +81,8 @@ STRIP = 0.09  # bottom fraction of each axis reserved for diverged seeds (no acc
 
 pairs = figures.panels(base)
 nrows = max(1, len(pairs))
-# at least 8 inches: the title and two legend columns fit (at 6, a 4-variant set cut both)
+# at least 8 inches: a 4-variant set (fashion-5k) cut its title and legend at 6; below 9 the
+# title takes two lines and the legend two columns (the 16-variant sets, 9.2 inches, keep one and three)
 width = max(8.0, 0.48 * len(variants) + 1.5)
 fig, axes = plt.subplots(nrows, 1, figsize=(width, 3.6 * nrows), squeeze=False, layout="constrained")
 axes = axes[:, 0]
@@ -169,7 +170,8 @@ for ax, (dataset, arch) in zip(axes, pairs, strict=False):
     ax.set_yticklabels([f"{t:g}" for t, _ in kept])
     ax.grid(axis="x", visible=False)
     ax.set(ylabel="final test accuracy (%)\n(log-error spacing)",
-           title=f"{dataset} / {arch}: final test accuracy per variant (dots: trained seeds; bar: their mean)")
+           title=f"{dataset} / {arch}: final test accuracy per variant"
+                 + ("\n" if width < 9 else " ") + "(dots: trained seeds; bar: their mean)")
 legend["seed"] = Line2D([], [], marker="o", color="0.5", ls="none", ms=4, label="one seed (trained)")
 legend["mean"] = Line2D([], [], color="0.15", lw=1.6, label="mean of the trained seeds")
 if pairs:
