@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -284,3 +285,36 @@ def test_t3_latex_has_the_same_cells_escaped():
         assert word in tex
     assert r"msr\_noise - bn" in tex and r"fashion\_mnist / resnet20" in tex
     assert "p{3.2cm}" in tex  # the reason column wraps
+
+
+# ------------------------------------------------------------------------------ figure 7
+
+
+@pytest.mark.parametrize("variants", [["bn", "bn_noise", "msr", "msr_noise"], list(catalog.VARIANTS)])
+def test_fig7_title_and_legend_fit_inside_the_figure(tmp_path, variants):
+    """A 4-variant set (fashion-5k) once cut fig7's title and legend at the figure's edges: every
+    text the reader needs lies inside the saved canvas, for a small set and for every variant."""
+    import runpy
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([{"run_id": f"fashion_mnist/resnet20/{v}/base/seed{s}", "dataset": "fashion_mnist",
+                           "arch": "resnet20", "variant": v, "sweep": "base", "seed": s, "status": "completed",
+                           "final_test_acc": 0.88 + 0.01 * rng.random()}
+                          for v in variants for s in range(3)])
+    frame.to_csv(tmp_path / "runs.csv", index=False)
+    out = tmp_path / "fig7"
+    sm = SimpleNamespace(input=SimpleNamespace(runs=str(tmp_path / "runs.csv")),
+                         output=SimpleNamespace(png=f"{out}.png", pdf=f"{out}.pdf", provenance=f"{out}.json"),
+                         params=SimpleNamespace(variants=variants))
+    done = runpy.run_path(str(Path(__file__).resolve().parents[1] / "notebooks/fig7_peers.py"), init_globals={"snakemake": sm})
+    fig = done["fig"]
+    renderer = fig.canvas.get_renderer()
+    texts = [ax.title for ax in fig.axes] + [t for legend in fig.legends for t in legend.get_texts()]
+    texts += [legend.legend_handles[0] for legend in fig.legends if legend.legend_handles]
+    assert len(texts) > 3
+    width, height = fig.bbox.width, fig.bbox.height
+    for artist in texts:
+        box = artist.get_window_extent(renderer)
+        label = getattr(artist, "get_text", lambda: artist)()
+        assert box.x0 >= -0.5 and box.x1 <= width + 0.5 and box.y0 >= -0.5 and box.y1 <= height + 0.5, (label, box, width)
