@@ -104,7 +104,9 @@ for ax, variant in zip(axes[:-1], variants, strict=True):
         where = f" at step {int(steps.min())}" + (f"-{int(steps.max())}" if steps.max() > steps.min() else "") \
             if not steps.empty else ""
         parts = [f"{k} {w}" for k, w in ((counts["n_diverged"], f"diverged{where}"), (counts["n_at_chance"], "at chance")) if k]
-        title += f"\n{counts['n_failed']}/{counts['n']} failed: {', '.join(parts)}"
+        # one line per kind of failure: a panel is ~2.6 in wide, and two neighbours' one-line
+        # titles ran into each other
+        title += f"\n{counts['n_failed']}/{counts['n']} failed:" + "".join(f"\n{part}" for part in parts)
     ax.set(title=title, xlabel="step", yscale="log")
     # depth profile: initialization and the last step every seed of this variant reached
     last = p.groupby("run_id")["step"].max().min()

@@ -318,3 +318,47 @@ def test_fig7_title_and_legend_fit_inside_the_figure(tmp_path, variants):
         box = artist.get_window_extent(renderer)
         label = getattr(artist, "get_text", lambda: artist)()
         assert box.x0 >= -0.5 and box.x1 <= width + 0.5 and box.y0 >= -0.5 and box.y1 <= height + 0.5, (label, box, width)
+
+
+def test_fig2_failure_titles_do_not_run_into_each_other(tmp_path):
+    """fashion-cpu's fig2 once printed `plain`'s and `zmi`'s failure titles on one line each, and
+    the two ran into each other ("...at step 33/3 failed..."): every panel title stays inside its
+    own column and inside the canvas."""
+    import runpy
+    from types import SimpleNamespace
+
+    layers = ["stem"] + [f"blocks.{b}.conv{c}" for b in range(9) for c in (1, 2)]
+    rng = np.random.default_rng(0)
+    rows = []
+    # variant, seed, status, final test acc, diverged at step
+    plan = [("bn", s, "completed", 0.84, None) for s in range(3)]
+    plan += [("plain", s, "diverged", math.nan, 3) for s in range(3)]
+    plan += [("zmi", 0, "diverged", math.nan, 26), ("zmi", 1, "completed", 0.10, None), ("zmi", 2, "completed", 0.10, None)]
+    plan += [("msr", s, "completed", 0.83, None) for s in range(3)]
+    for variant, seed, status, acc, step in plan:
+        run_dir = tmp_path / "runs" / "fashion_mnist" / "resnet20" / variant / "base" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        steps = [0] if status == "diverged" and step < 10 else list(range(0, 500, 50))
+        pd.DataFrame([{"step": t, "layer": name, "metric": "mean_shift", "value": float(rng.uniform(0.01, 1.0))}
+                      for t in steps for name in layers]).to_csv(run_dir / "probes.csv", index=False)
+        rows.append({"run_id": f"fashion_mnist/resnet20/{variant}/base/seed{seed}", "run_dir": str(run_dir),
+                     "dataset": "fashion_mnist", "arch": "resnet20", "variant": variant, "sweep": "base",
+                     "seed": seed, "status": status, "final_test_acc": acc, "diverged_at_step": step})
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    out = tmp_path / "fig2"
+    sm = SimpleNamespace(input=SimpleNamespace(runs=str(tmp_path / "runs.csv")),
+                         output=SimpleNamespace(png=f"{out}.png", pdf=f"{out}.pdf", provenance=f"{out}.json"),
+                         params=SimpleNamespace(variants=["bn", "plain", "zmi", "msr"], dataset="fashion_mnist",
+                                                arch="resnet20", num_classes={}))
+    done = runpy.run_path(str(Path(__file__).resolve().parents[1] / "notebooks/fig2_mean_shift.py"),
+                          init_globals={"snakemake": sm})
+    fig = done["fig"]
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    titles = {ax.get_title(): (ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)) for ax in panels}
+    assert any("failed" in t and "at chance" in t for t in titles), titles.keys()
+    boxes = sorted(titles.items(), key=lambda item: item[1][1].x0)
+    for (name, (box, _)), (next_name, (next_box, next_axes)) in zip(boxes, boxes[1:]):
+        assert box.x1 < next_box.x0, f"{name!r} runs into {next_name!r}"
+    for name, (box, _) in titles.items():
+        assert box.x0 >= -0.5 and box.x1 <= fig.bbox.width + 0.5, name
