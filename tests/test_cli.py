@@ -52,3 +52,26 @@ def test_forwarded_commands_have_help(command, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert f"msr {command}" in capsys.readouterr().out
+
+
+def test_a_reader_that_closes_the_pipe_stops_msr_quietly():
+    # `msr variants | head -1`: the reader goes away before msr writes. A shell tool stops on
+    # SIGPIPE without a word; msr must not print a BrokenPipeError traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "msr", "variants"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141, err
+    assert err == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
+    # only the reader of stdout going away is quiet; another broken pipe (a subprocess, the fork
+    # server) is a real failure and propagates
+    from msr.cli import training
+
+    def broken(_args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(training, "cmd_variants", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["variants"])

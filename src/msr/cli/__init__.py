@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 
 from msr import __version__
@@ -48,4 +49,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.entry = main  # the fork server (msr prefork --serve) runs each job through this same entry
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed reader shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe broke (a subprocess, the fork server): a real error
+        # The reader of our output went away (`msr verify ... | head -1`): stop quietly, as a shell
+        # tool killed by SIGPIPE does. stdout goes to /dev/null so the interpreter's final flush
+        # cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # 128 + SIGPIPE: what the shell reports for a tool SIGPIPE stopped
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reading end is closed (poll reports POLLERR on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (a captured stdout), or not pollable
+        return False
