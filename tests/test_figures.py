@@ -355,10 +355,11 @@ def test_fig2_failure_titles_do_not_run_into_each_other(tmp_path):
     fig = done["fig"]
     renderer = fig.canvas.get_renderer()
     panels = [ax for ax in fig.axes if ax.get_title()]
-    titles = {ax.get_title(): (ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)) for ax in panels}
-    assert any("failed" in t and "at chance" in t for t in titles), titles.keys()
-    boxes = sorted(titles.items(), key=lambda item: item[1][1].x0)
-    for (name, (box, _)), (next_name, (next_box, next_axes)) in zip(boxes, boxes[1:]):
+    # titles in the panels' left-to-right order
+    titles = [(ax.get_title(), ax.title.get_window_extent(renderer))
+              for ax in sorted(panels, key=lambda ax: ax.get_window_extent(renderer).x0)]
+    assert any("failed" in t and "at chance" in t for t, _ in titles), titles
+    for (name, box), (next_name, next_box) in zip(titles, titles[1:]):
         assert box.x1 < next_box.x0, f"{name!r} runs into {next_name!r}"
-    for name, (box, _) in titles.items():
+    for name, box in titles:
         assert box.x0 >= -0.5 and box.x1 <= fig.bbox.width + 0.5, name
